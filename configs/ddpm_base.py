@@ -1,0 +1,73 @@
+"""Fields shared by every pixel-space DDPM config; experiment configs start from this one."""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.stage = "ddpm"
+    config.seed = 0
+
+    config.data = dict(
+        name="shapes",          # "shapes" (embedded, generated locally) or "cifar10" (tfds, prepared by you)
+        data_dir="",            # tfds data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
+        image_size=32,
+        num_train=20000,        # shapes only: how many training images to generate
+        random_flip=True,
+        num_threads=2,          # grain reader threads per process
+        prefetch=4,             # batches prefetched per process
+    )
+    config.model = dict(
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        num_heads=1,
+        head_dim=0,             # >0: heads = channels // head_dim (overrides num_heads)
+        dropout=0.1,
+        norm_groups=32,
+        remat=False,
+    )
+    config.diffusion = dict(
+        schedule="linear",      # linear | scaled_linear | cosine
+        num_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        parameterization="eps",  # eps | x0 | v
+        loss_weighting="none",  # none | min_snr
+        snr_gamma=5.0,
+    )
+    config.optimizer = dict(
+        lr=2e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=5000,
+        schedule="constant",    # constant | cosine (after warm-up)
+        grad_clip=1.0,          # global-norm clip; 0 disables
+        grad_accum_steps=1,     # micro-batches per step (the batch is split, not multiplied)
+    )
+    config.training = dict(
+        batch_size=128,         # global batch over all devices of all processes
+        num_steps=800_000,
+        ema_decay=0.9999,
+        compute_dtype="float32",  # float32 | bfloat16 (params stay float32)
+        log_every=100,
+        checkpoint_every=5000,
+        keep_checkpoints=3,
+        async_checkpointing=True,
+        sample_every=10_000,    # 0 disables sample grids during training
+        num_samples=64,
+        progress_bar=True,
+    )
+    config.sampling = dict(
+        sampler="ddim",         # ddim | ddpm
+        num_steps=50,
+        eta=0.0,
+        spacing="leading",      # leading | trailing | linspace
+        steps_offset=0,
+        ddpm_variance="fixed_small",  # fixed_small | fixed_large
+        clip_denoised=True,
+        use_ema=True,
+    )
+    return config

@@ -1,0 +1,53 @@
+"""orbax checkpoints in the workdir: train state, data-iterator state and config, keep-N, async.
+
+orbax writes each step into a temporary folder and renames it only when complete, so a process
+killed mid-save leaves the previous step as the latest usable checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: dict, config_dict: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config_dict)))
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restore (state, data_state) at `step` (default latest) onto the shardings in `abstract_state`."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()))
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_sharding(abstract_tree, shardings):
+    """ShapeDtypeStructs carrying target shardings, so restored arrays land where the step wants them."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

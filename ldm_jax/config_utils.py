@@ -1,0 +1,84 @@
+"""Config checks, and the copy of the resolved config kept in every workdir."""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def _one_of(value, allowed, field):
+    if value not in allowed:
+        raise ConfigError(f"{field}={value!r} is not one of {list(allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Reject configs that would fail later with an obscure trace, naming the field to change."""
+    from ldm_jax.models.unet import check_input_size
+
+    _one_of(config.stage, ("ddpm",), "stage")
+    _one_of(config.data.name, ("shapes", "cifar10"), "data.name")
+    _one_of(config.diffusion.schedule, ("linear", "scaled_linear", "cosine"), "diffusion.schedule")
+    _one_of(config.diffusion.parameterization, ("eps", "x0", "v"), "diffusion.parameterization")
+    _one_of(config.diffusion.loss_weighting, ("none", "min_snr"), "diffusion.loss_weighting")
+    _one_of(config.optimizer.schedule, ("constant", "cosine"), "optimizer.schedule")
+    _one_of(config.training.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype")
+    _one_of(config.sampling.sampler, ("ddim", "ddpm"), "sampling.sampler")
+    _one_of(config.sampling.spacing, ("leading", "trailing", "linspace"), "sampling.spacing")
+    _one_of(config.sampling.ddpm_variance, ("fixed_small", "fixed_large"), "sampling.ddpm_variance")
+    if config.data.name == "shapes":
+        _one_of(config.data.image_size, (32, 64, 128), "data.image_size (shapes dataset)")
+    if config.data.name == "cifar10" and config.data.image_size != 32:
+        raise ConfigError(f"data.image_size={config.data.image_size}: CIFAR-10 images are 32x32; set 32")
+    try:
+        check_input_size(config.data.image_size, config.model.channel_mult,
+                         config.model.attention_resolutions)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for ch_mult in config.model.channel_mult:
+        if (config.model.base_channels * ch_mult) % config.model.norm_groups:
+            raise ConfigError(f"model.base_channels * {ch_mult} is not divisible by "
+                              f"model.norm_groups={config.model.norm_groups}")
+    t = config.training
+    accum = config.optimizer.grad_accum_steps
+    if accum < 1 or t.batch_size % accum:
+        raise ConfigError(f"training.batch_size={t.batch_size} must split into "
+                          f"optimizer.grad_accum_steps={accum} equal micro-batches")
+    if t.num_steps < 1:
+        raise ConfigError(f"training.num_steps={t.num_steps} must be at least 1")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"training.ema_decay={t.ema_decay} must be in [0, 1)")
+
+
+def check_batch_divides(batch_size: int, num_devices: int, num_processes: int, accum: int) -> None:
+    per_micro = batch_size // accum
+    if per_micro % num_devices:
+        raise ConfigError(f"training.batch_size={batch_size} (micro-batch {per_micro}) is not divisible by "
+                          f"the {num_devices} devices; use a multiple of {num_devices * accum}")
+    if batch_size % num_processes:
+        raise ConfigError(f"training.batch_size={batch_size} is not divisible by {num_processes} processes")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
+    return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in workdir {workdir!r}: is this the --workdir "
+                                "a train.py run wrote to?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,58 @@
+"""Sampling from a training workdir: saved config + latest checkpoint -> PNG grid."""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+
+from ldm_jax import config_utils, parallel, sampling
+from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
+from ldm_jax.training import ddpm_stage
+from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.utils.image_grid import save_grid
+
+
+def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | None = None):
+    """The (EMA) params of checkpoint `step` (default latest) of `workdir`, replicated on `mesh`."""
+    model = ddpm_stage.build_model(config)
+    tx, _ = make_optimizer(config.optimizer, config.training.num_steps)
+    abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, tx, k),
+                              jax.random.PRNGKey(0))
+    ckpt = Checkpointer(workdir, async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"workdir {workdir!r} has no complete checkpoint yet; train first "
+                                "(checkpoints are written every training.checkpoint_every steps)")
+    state, _ = ckpt.restore(abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract)), step)
+    ckpt.close()
+    return model, (state.ema_params if use_ema else state.params), int(state.step)
+
+
+def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
+                        sampler: str | None = None, eta: float | None = None, seed: int = 0,
+                        out: str | None = None, use_ema: bool = True, step: int | None = None):
+    """Write a grid of `num` samples; returns (path, seconds spent sampling)."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run")
+    config = config_utils.load_config(workdir)
+    if sampler:
+        config.sampling.sampler = sampler
+    if num < 1:
+        raise config_utils.ConfigError(f"--num={num}: ask for at least one image")
+    if steps is not None and not 1 <= steps <= config.diffusion.num_timesteps:
+        raise config_utils.ConfigError(f"--steps={steps} must be between 1 and "
+                                       f"{config.diffusion.num_timesteps} (the training timesteps)")
+    mesh = parallel.make_mesh()
+    model, params, trained_steps = load_params(workdir, config, mesh, use_ema, step)
+    schedule = ddpm_stage.build_schedule(config)
+    sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
+                                        config.diffusion.parameterization,
+                                        ddpm_stage.image_shape(config, num), mesh)
+    start = time.time()
+    images = sampling.sample_images(sample_fn, params, seed,
+                                    steps or config.sampling.num_steps,
+                                    config.sampling.eta if eta is None else eta)
+    images = jax.device_get(images)
+    seconds = time.time() - start
+    out = out or os.path.join(workdir, "samples", f"sample_step{trained_steps}_seed{seed}.png")
+    return save_grid(images, out), seconds

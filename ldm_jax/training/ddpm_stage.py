@@ -1,0 +1,97 @@
+"""The pixel-space DDPM stage: model, schedule, state init and the train step.
+
+A stage supplies these pieces; the shared loop in `loop.py` runs them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ldm_jax.diffusion import objectives, schedules
+from ldm_jax.models.unet import UNet
+from ldm_jax.parallel import DATA_AXIS
+from ldm_jax.training.train_state import TrainState, ema_update
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config, compute_dtype: str | None = None) -> UNet:
+    m = config.model
+    return UNet(base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
+                num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
+                num_heads=m.num_heads, head_dim=m.head_dim or None, dropout=m.dropout,
+                norm_groups=m.norm_groups, remat=m.remat,
+                dtype=_DTYPES[compute_dtype or config.training.compute_dtype])
+
+
+def build_schedule(config) -> schedules.Schedule:
+    d = config.diffusion
+    return schedules.make_schedule(d.schedule, d.num_timesteps, beta_start=d.beta_start,
+                                   beta_end=d.beta_end)
+
+
+def image_shape(config, batch: int = 1) -> tuple:
+    s = config.data.image_size
+    return (batch, s, s, 3)
+
+
+def init_state(config, model, tx, rng) -> TrainState:
+    """Initialise params and optimiser state; call under jax.jit so init compiles, not runs eagerly."""
+    init_rng, state_rng = jax.random.split(rng)
+    x = jnp.zeros(image_shape(config), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    params = model.init({"params": init_rng}, x, t)["params"]
+    return TrainState.create(params, tx, state_rng)
+
+
+def make_train_step(config, model, schedule, tx: optax.GradientTransformation, lr_fn, mesh=None):
+    """Returns step(state, batch) -> (state, metrics), to be jitted by the loop."""
+    d = config.diffusion
+    accum = config.optimizer.grad_accum_steps
+    decay = config.training.ema_decay
+
+    def loss_fn(params, x0, key):
+        drop_key, noise_key = jax.random.split(key)
+        apply = lambda x_t, t: model.apply({"params": params}, x_t, t, train=True,
+                                           rngs={"dropout": drop_key})
+        loss, _ = objectives.diffusion_loss(apply, schedule, x0, noise_key,
+                                            parameterization=d.parameterization,
+                                            weighting=d.loss_weighting, snr_gamma=d.snr_gamma)
+        return loss
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def accumulated_grads(params, images, key):
+        if accum == 1:
+            return grad_fn(params, images, key)
+        b = images.shape[0]
+        # Strided micro-batches (row i*accum + j goes to micro-batch j) keep every micro-batch
+        # spread over all devices of the data axis instead of a contiguous block on a few.
+        micro = images.reshape(b // accum, accum, *images.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, DATA_AXIS)))
+
+        def body(carry, xs):
+            loss_sum, grad_sum = carry
+            j, x0 = xs
+            loss, grads = grad_fn(params, x0, jax.random.fold_in(key, j))
+            return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                        (jnp.arange(accum), micro))
+        return loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        loss, grads = accumulated_grads(state.params, batch["image"], key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_update(state.ema_params, params, decay))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+        return new_state, metrics
+
+    return train_step

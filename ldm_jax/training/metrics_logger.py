@@ -1,0 +1,74 @@
+"""Metrics a person can read: a tqdm bar, one stdout line per log interval, TensorBoard events
+(through tensorboardX, which needs no TensorFlow) and a metrics.jsonl for scripts."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import tqdm
+
+
+class MetricLogger:
+    def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
+                 is_main: bool, progress_bar: bool = True):
+        self.is_main = is_main
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self._last_step, self._last_time = start_step, time.time()
+        self.bar = self.writer = self.jsonl = None
+        if not is_main:
+            return
+        from tensorboardX import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if progress_bar:
+            self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                                 dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, metrics: dict) -> dict:
+        """Log scalar metrics for `step`, adding images/s since the previous call."""
+        now = time.time()
+        steps = max(step - self._last_step, 1)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["images_per_sec"] = steps * self.batch_size / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        if not self.is_main:
+            return metrics
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        line = (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
+                f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
+                f"{metrics['images_per_sec']:.1f} img/s")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+        return metrics
+
+    def note(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def reset_timer(self, step: int) -> None:
+        """Exclude pauses (compilation, checkpoint, sampling) from images/s."""
+        self._last_step, self._last_time = step, time.time()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.jsonl.close()

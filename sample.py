@@ -1,0 +1,37 @@
+"""Sample from the latest checkpoint of a training workdir and write a PNG grid.
+
+python sample.py --workdir=DIR --num=16 --steps=50 --sampler=ddim --seed=0 --out=samples.png
+"""
+import sys
+
+from absl import flags
+
+from ldm_jax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
+_NUM = flags.DEFINE_integer("num", 16, "Number of images.")
+_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sampling.num_steps).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: the config's).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_OUT = flags.DEFINE_string("out", None, "Output PNG (default: DIR/samples/sample_seed{seed}.png).")
+_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw params instead of the EMA params.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; options are written --name=value")
+    if not _WORKDIR.value:
+        cli.fail("--workdir=DIR is required (the directory train.py wrote)")
+    from ldm_jax import generate
+    with cli.readable_errors():
+        path, seconds = generate.sample_from_workdir(
+            _WORKDIR.value, num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value,
+            eta=_ETA.value, seed=_SEED.value, out=_OUT.value, use_ema=not _RAW.value,
+            step=_STEP.value)
+    print(f"wrote {path} ({_NUM.value} images, {seconds:.1f}s)")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,28 @@
+"""ldm-jax: the DDPM -> Latent Diffusion -> Stable Diffusion line in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ldm-jax",
+    version="0.1.0",
+    description="Pixel diffusion, KL autoencoders and latent diffusion in JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ldm_jax", "ldm_jax.*", "configs"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml-collections>=1.1",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        # torch only as the reference in equivalence tests, benchmarks and weight converters.
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "safetensors>=0.4"],
+        "convert": ["torch==2.13.0", "safetensors>=0.4"],
+    },
+)
