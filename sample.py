@@ -24,6 +24,7 @@ def main(argv):
         cli.fail(f"unexpected arguments {argv[1:]}; options are written --name=value")
     if not _WORKDIR.value:
         cli.fail("--workdir=DIR is required (the directory train.py wrote)")
+    cli.enable_compilation_cache()
     from ldm_jax import generate
     with cli.readable_errors():
         path, seconds = generate.sample_from_workdir(

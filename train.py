@@ -23,6 +23,7 @@ def main(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         cli.fail("both --config=configs/NAME.py and --workdir=DIR are required")
     cli.start_distributed()
+    cli.enable_compilation_cache()
     from ldm_jax.training.loop import train  # after distributed start-up: it touches devices
     with cli.readable_errors():
         train(_CONFIG.value, _WORKDIR.value)

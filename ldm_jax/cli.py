@@ -15,6 +15,20 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("process_id", -1, "Index of this process in a multi-host job.")
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled programs across runs (a resumed job skips recompiling its step).
+
+    LDM_JAX_CACHE_DIR overrides the location; set it empty to disable.
+    """
+    import os
+
+    import jax
+    path = os.environ.get("LDM_JAX_CACHE_DIR", os.path.expanduser("~/.cache/ldm_jax/jax_cache"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def start_distributed() -> None:
     from ldm_jax.parallel import initialize_distributed
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

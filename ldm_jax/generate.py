@@ -7,7 +7,7 @@ import time
 import jax
 
 from ldm_jax import config_utils, parallel, sampling
-from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
+from ldm_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, abstract_with_sharding
 from ldm_jax.training import ddpm_stage
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
@@ -20,9 +20,6 @@ def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | No
     abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, tx, k),
                               jax.random.PRNGKey(0))
     ckpt = Checkpointer(workdir, async_save=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"workdir {workdir!r} has no complete checkpoint yet; train first "
-                                "(checkpoints are written every training.checkpoint_every steps)")
     state, _ = ckpt.restore(abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract)), step)
     ckpt.close()
     return model, (state.ema_params if use_ema else state.params), int(state.step)
@@ -35,6 +32,10 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run")
     config = config_utils.load_config(workdir)
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or \
+            Checkpointer(workdir, async_save=False).latest_step() is None:
+        raise FileNotFoundError(f"workdir {workdir!r} has no complete checkpoint yet; train first "
+                                "(checkpoints are written every training.checkpoint_every steps)")
     if sampler:
         config.sampling.sampler = sampler
     if num < 1:

@@ -35,13 +35,13 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
         jax.distributed.initialize()
 
 
-def make_mesh() -> Mesh:
+def make_mesh(devices=None) -> Mesh:
     """A 1-D data-parallel mesh over every device of every process, grouped by process.
 
     Grouping by process keeps each process's devices contiguous along `data`, so the rows a
     process feeds land on its own devices.
     """
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -58,10 +58,11 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def _conv(features, kernel=3, stride=1, dtype=jnp.float32, name=None, zero_init=False):
+def _conv(features, kernel=3, stride=1, dtype=jnp.float32, name=None, zero_init=False, padding=None):
     pad = kernel // 2
+    padding = ((pad, pad), (pad, pad)) if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), dtype=dtype, name=name,
+                   padding=padding, dtype=dtype, name=name,
                    kernel_init=nn.initializers.zeros if zero_init else nn.initializers.lecun_normal())
 
 
@@ -71,14 +72,16 @@ class ResBlock(nn.Module):
     dropout: float = 0.0
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x, temb, train: bool):
-        h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm1")(x))
+        norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name=name)
+        h = nn.silu(norm("norm1")(x))
         h = _conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
         t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_proj")(nn.silu(temb))
         h = h + t[:, None, None, :].astype(h.dtype)
-        h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm2")(h))
+        h = nn.silu(norm("norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Zero-initialised last conv: each block starts as the identity (DDPM's init_scale=0).
         h = _conv(self.out_channels, dtype=self.dtype, name="conv2", zero_init=True)(h)
@@ -97,6 +100,7 @@ class SelfAttentionBlock(nn.Module):
     head_dim: int | None = None  # when set, overrides num_heads = channels // head_dim
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
@@ -104,7 +108,7 @@ class SelfAttentionBlock(nn.Module):
         heads = c // self.head_dim if self.head_dim else self.num_heads
         if c % heads:
             raise ValueError(f"attention: {c} channels cannot be split into {heads} heads")
-        h = GroupNorm(self.norm_groups, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm")(x)
         h = h.reshape(b, hgt * wid, c)
         qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name="qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -115,12 +119,19 @@ class SelfAttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Stride-2 3x3 conv. padding=1 pads every side (ADM, SD); padding=0 pads only bottom/right,
+    which is TensorFlow's 'SAME' on even sizes, as in the DDPM reference (diffusers'
+    downsample_padding=0)."""
     channels: int
     dtype: Dtype = jnp.float32
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x):
-        return _conv(self.channels, stride=2, dtype=self.dtype, name="conv")(x)
+        if self.padding not in (0, 1):
+            raise ValueError(f"Downsample: padding must be 0 or 1, got {self.padding}")
+        pad = ((1, 1), (1, 1)) if self.padding else ((0, 1), (0, 1))
+        return _conv(self.channels, stride=2, dtype=self.dtype, name="conv", padding=pad)(x)
 
 
 class Upsample(nn.Module):

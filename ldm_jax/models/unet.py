@@ -25,6 +25,9 @@ class UNet(nn.Module):
     head_dim: int | None = None
     dropout: float = 0.0
     norm_groups: int = 32
+    # DDPM reference values (TF group_norm epsilon; 'SAME' stride-2 padding); ADM/SD use 1e-5 and 1.
+    norm_eps: float = 1e-6
+    downsample_padding: int = 0
     out_channels: int | None = None
     remat: bool = False  # recompute residual blocks in the backward pass to save memory
     dtype: Any = jnp.float32
@@ -36,9 +39,10 @@ class UNet(nn.Module):
         check_input_size(x.shape[1], self.channel_mult, self.attention_resolutions)
         out_ch = self.out_channels or x.shape[-1]
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        block = lambda ch, name: res_cls(ch, self.dropout, self.norm_groups, self.dtype, name=name)
+        block = lambda ch, name: res_cls(ch, self.dropout, self.norm_groups, self.dtype,
+                                         self.norm_eps, name=name)
         attn = lambda name: SelfAttentionBlock(self.num_heads, self.head_dim, self.norm_groups,
-                                               self.dtype, name=name)
+                                               self.dtype, self.norm_eps, name=name)
 
         temb_dim = 4 * self.base_channels
         temb = timestep_embedding(t, self.base_channels)
@@ -55,7 +59,8 @@ class UNet(nn.Module):
                     h = attn(f"down{level}_attn{i}")(h)
                 skips.append(h)
             if level != len(self.channel_mult) - 1:
-                h = Downsample(h.shape[-1], self.dtype, name=f"down{level}_downsample")(h)
+                h = Downsample(h.shape[-1], self.dtype, self.downsample_padding,
+                               name=f"down{level}_downsample")(h)
                 skips.append(h)
                 resolution //= 2
 
@@ -73,7 +78,7 @@ class UNet(nn.Module):
                 h = Upsample(h.shape[-1], self.dtype, name=f"up{level}_upsample")(h)
                 resolution *= 2
 
-        h = nn.silu(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
+        h = nn.silu(GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm_out")(h))
         h = _conv(out_ch, dtype=self.dtype, name="conv_out", zero_init=True)(h)
         return h.astype(jnp.float32)
 

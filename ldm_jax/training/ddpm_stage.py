@@ -91,7 +91,7 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema_update(state.ema_params, params, decay))
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
         return new_state, metrics
 
     return train_step

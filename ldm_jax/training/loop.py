@@ -32,11 +32,15 @@ def _load_data(config, mesh):
     return source
 
 
-def train(config, workdir: str) -> list[dict]:
-    """Train (or resume) in `workdir`; returns the logged metrics of this run."""
+def train(config, workdir: str, devices=None, stop_at: int | None = None) -> list[dict]:
+    """Train (or resume) in `workdir`; returns the metrics logged by this run.
+
+    `devices` restricts the mesh (default: all devices of all processes); `stop_at` ends the run
+    after that step as if the job had been pre-empted (checkpointing there first).
+    """
     config_utils.validate(config)
     t = config.training
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(devices)
     is_main = jax.process_index() == 0
     config_utils.check_batch_divides(t.batch_size, mesh.devices.size, jax.process_count(),
                                      config.optimizer.grad_accum_steps)
@@ -78,7 +82,8 @@ def train(config, workdir: str) -> list[dict]:
                       donate_argnums=(0,))
     sample_fn = None
     history, pending = [], []
-    for step in range(first_step, t.num_steps):
+    last_step = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
+    for step in range(first_step, last_step):
         batch = parallel.global_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
@@ -93,7 +98,7 @@ def train(config, workdir: str) -> list[dict]:
             mean = {k: np.mean([float(m[k]) for m in pending]) for k in pending[0]}
             history.append({"step": done, **logger.log(done, mean)})
             pending = []
-        if done % t.checkpoint_every == 0 or done == t.num_steps:
+        if done % t.checkpoint_every == 0 or done == last_step:
             ckpt.save(done, state, data_iter.get_state(), config.to_dict())
         if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
             if sample_fn is None:

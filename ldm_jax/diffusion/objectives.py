@@ -1,0 +1,118 @@
+"""Model parameterisations (eps / x0 / v) and the denoising training loss.
+
+With x_t = sqrt(ab) x0 + sqrt(1-ab) eps:
+  eps: the network predicts the noise (Ho et al. 2020).
+  x0:  the network predicts the clean sample.
+  v:   the network predicts v = sqrt(ab) eps - sqrt(1-ab) x0 (Salimans & Ho 2022).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.diffusion.schedules import Schedule, extract, q_sample, snr
+
+PARAMETERIZATIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("none", "min_snr", "truncated_snr")
+
+
+def _check_parameterization(parameterization):
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {parameterization!r}; "
+                         f"expected one of {PARAMETERIZATIONS}")
+
+
+def x0_eps_from_output(parameterization, x_t, model_output, alpha_bar):
+    """(x0, eps) implied by a model output; `alpha_bar` must broadcast against x_t."""
+    _check_parameterization(parameterization)
+    sa, s1a = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
+    if parameterization == "eps":
+        return (x_t - s1a * model_output) / sa, model_output
+    if parameterization == "x0":
+        return model_output, (x_t - sa * model_output) / s1a
+    # v: rotate (x_t, v) back to (x0, eps); no division, so stable at both ends.
+    return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
+
+
+def output_from_x0_eps(parameterization, x0, eps, alpha_bar):
+    """What a perfect model of the given parameterisation would output."""
+    _check_parameterization(parameterization)
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(1.0 - alpha_bar) * x0
+
+
+def eps_from_x0(x_t, x0, alpha_bar):
+    return (x_t - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(1.0 - alpha_bar)
+
+
+def to_x0_and_eps(schedule: Schedule, parameterization, x_t, t, model_output):
+    """(x0, eps) from a model output at integer timesteps t of shape (B,)."""
+    ab = extract(schedule.alphas_cumprod, t, x_t.shape)
+    return x0_eps_from_output(parameterization, x_t, model_output, ab)
+
+
+def training_target(schedule: Schedule, parameterization, x0, eps, t):
+    """Regression target of the given parameterisation at timesteps t (B,)."""
+    ab = extract(schedule.alphas_cumprod, t, x0.shape)
+    return output_from_x0_eps(parameterization, x0, eps, ab)
+
+
+def loss_weight(snr_t, parameterization, weighting="none", snr_gamma=5.0):
+    """Per-example weight applied to the MSE on the parameterisation's target.
+
+    Weightings are defined in x0-space and converted: for a fixed x_t the
+    squared errors relate as |d eps|^2 = snr |d x0|^2 and
+    |d v|^2 = (snr + 1) |d x0|^2.
+      none:          plain MSE on the target (weight 1).
+      min_snr:       x0-space weight min(snr, gamma) (Hang et al. 2023).
+      truncated_snr: x0-space weight max(snr, 1) (Salimans & Ho 2022).
+    """
+    _check_parameterization(parameterization)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if weighting == "none":
+        return jnp.ones_like(snr_t)
+    if weighting == "min_snr":
+        # Written as min(1, g/snr) etc. so snr -> 0 or inf stays finite.
+        if parameterization == "eps":
+            return jnp.minimum(1.0, snr_gamma / snr_t)
+        if parameterization == "x0":
+            return jnp.minimum(snr_t, snr_gamma)
+        return jnp.minimum(snr_t, snr_gamma) / (snr_t + 1.0)
+    # truncated_snr
+    if parameterization == "eps":
+        return jnp.maximum(1.0, 1.0 / snr_t)
+    if parameterization == "x0":
+        return jnp.maximum(snr_t, 1.0)
+    # max(snr, 1) / (snr + 1), rearranged to stay finite for huge snr.
+    return 1.0 / (1.0 + jnp.minimum(snr_t, 1.0 / snr_t))
+
+
+def diffusion_loss(apply_fn, schedule: Schedule, x0, rng, parameterization="eps",
+                   weighting="none", snr_gamma=5.0):
+    """Denoising loss with t ~ U{0..T-1} and eps ~ N(0, I).
+
+    `apply_fn(x_t, t) -> model_output` with t int32 of shape (B,). The rng is
+    split once into (t_rng, noise_rng). The loss is computed in at least float32
+    whatever the model's output dtype. Returns (scalar mean loss, per-example (B,)).
+    """
+    _check_parameterization(parameterization)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    dtype = jnp.promote_types(x0.dtype, jnp.float32)
+    x0 = x0.astype(dtype)
+    t_rng, noise_rng = jax.random.split(rng)
+    batch = x0.shape[0]
+    t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
+    noise = jax.random.normal(noise_rng, x0.shape, dtype=dtype)
+    coef_schedule = jax.tree_util.tree_map(lambda a: a.astype(dtype), schedule)
+    x_t = q_sample(coef_schedule, x0, t, noise)
+    out = apply_fn(x_t, t).astype(dtype)
+    target = training_target(coef_schedule, parameterization, x0, noise, t)
+    mse = jnp.mean(jnp.square(out - target).reshape(batch, -1), axis=1)
+    w = loss_weight(snr(coef_schedule, t), parameterization, weighting, snr_gamma)
+    per_example = w * mse
+    return jnp.mean(per_example), per_example

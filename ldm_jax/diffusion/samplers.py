@@ -1,0 +1,148 @@
+"""Strided ancestral sampling: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021).
+
+Both samplers walk a descending subsequence tau_{n-1} > ... > tau_0 of the
+training timesteps. Step k goes from tau_k to tau_{k-1}; the last step (k = 0)
+goes to "time -1", whose alpha_bar is `final_alpha_cumprod`:
+  1.0  (default) the clean data; diffusers' DDIM `set_alpha_to_one=True`.
+  None alphas_cumprod[0], as CompVis LDM's DDIM sampler does.
+
+Timestep spacings for n steps out of T (listed ascending, k = 0..n-1):
+  leading:  tau_k = k * (T // n) + steps_offset. diffusers 'leading'; CompVis
+            LDM 'uniform' with steps_offset=1 (identical when n divides T).
+  trailing: tau_k = round((k + 1) * T / n) - 1. diffusers 'trailing'
+            (round(T - j*T/n) - 1 for j = 0..n-1, descending); always ends at T-1.
+  linspace: tau_k = round(k * (T - 1) / (n - 1)). diffusers 'linspace'.
+Rounding is exact integer arithmetic, ties to even. diffusers rounds float64
+values instead, so the two can differ by one at exact .5 ties (e.g. trailing
+with T=1000, n=48), and diffusers' float arange occasionally yields n+1
+trailing steps; here there are always n. steps_offset only affects 'leading'.
+
+Randomness: rng is split into (init_rng, step_rng); x_T ~ N(0, I) from
+init_rng and the noise of loop iteration i from fold_in(step_rng, i). DDPM
+and DDIM with the same rng and step count therefore share their noise, and
+the Python and fori_loop versions agree.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, eps_from_x0,
+                                          x0_eps_from_output)
+from ldm_jax.diffusion.schedules import Schedule
+
+SAMPLERS = ("ddpm", "ddim")
+SPACINGS = ("leading", "trailing", "linspace")
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def _round_div(a, b):
+    """round(a / b) for non-negative integers, ties to even; numpy or jnp."""
+    q = a // b
+    r = a - q * b
+    up = (2 * r > b) | ((2 * r == b) & (q % 2 == 1))
+    return q + up.astype(q.dtype)
+
+
+def _timestep(k, n, T, spacing, steps_offset):
+    """tau_k (ascending index k) for n steps; works on numpy and traced ints."""
+    if spacing == "leading":
+        return k * (T // n) + steps_offset
+    if spacing == "trailing":
+        return _round_div((k + 1) * T, n) - 1
+    if spacing == "linspace":
+        # (n - 1) + (n == 1): a divisor of 1 when n == 1, for numpy and jnp alike.
+        return _round_div(k * (T - 1), (n - 1) + (n == 1))
+    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+
+
+def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
+    """The timesteps visited by `sample`, in sampling (descending) order."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+    T, n = int(num_timesteps), int(num_steps)
+    if not 1 <= n <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {n}")
+    k = np.arange(n, dtype=np.int64)
+    ts = _timestep(k, np.int64(n), np.int64(T), spacing, np.int64(steps_offset))
+    if ts.min() < 0 or ts.max() >= T:
+        raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {T})")
+    return ts[::-1].astype(np.int64)
+
+
+def _check_static(sampler, parameterization, spacing, ddpm_variance):
+    for name, value, allowed in (("sampler", sampler, SAMPLERS),
+                                 ("parameterization", parameterization, PARAMETERIZATIONS),
+                                 ("spacing", spacing, SPACINGS),
+                                 ("ddpm_variance", ddpm_variance, DDPM_VARIANCES)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_steps=50,
+           eta=0.0, parameterization="eps", clip_denoised=True, clip_range=1.0,
+           spacing="leading", steps_offset=0, ddpm_variance="fixed_small",
+           final_alpha_cumprod=1.0, dtype=jnp.float32, use_python_loop=False):
+    """Draw samples of `shape` by running the reverse process from pure noise.
+
+    model_fn(x_t, t) -> model output, with t int32 of shape (shape[0],) holding
+    the original training timestep. num_steps, eta, rng, clip_range,
+    steps_offset and final_alpha_cumprod may be traced; sampler,
+    parameterization, spacing, ddpm_variance, clip_denoised, shape and dtype
+    must be static. `eta` is ignored by 'ddpm'. With sampler='ddpm',
+    num_steps=T, spacing='leading', steps_offset=0 this is exactly Algorithm 2
+    of the DDPM paper (sigma^2 = posterior variance for 'fixed_small', beta_t
+    for 'fixed_large'; no noise on the last step).
+    """
+    _check_static(sampler, parameterization, spacing, ddpm_variance)
+    T = schedule.num_timesteps
+    batch = shape[0]
+    ab_all = schedule.alphas_cumprod.astype(dtype)
+    final_ab = ab_all[0] if final_alpha_cumprod is None else jnp.asarray(final_alpha_cumprod, dtype)
+    eta = jnp.asarray(eta, dtype)
+    offset = jnp.asarray(steps_offset, jnp.int32)
+    init_rng, step_rng = jax.random.split(rng)
+
+    def body(i, x):
+        i = jnp.asarray(i, jnp.int32)
+        n = jnp.asarray(num_steps, jnp.int32)
+        k = n - 1 - i
+        # Out-of-range timesteps (bad offset) are clamped rather than wrapped.
+        t = jnp.clip(_timestep(k, n, jnp.int32(T), spacing, offset), 0, T - 1)
+        t_prev = jnp.clip(_timestep(jnp.maximum(k - 1, 0), n, jnp.int32(T), spacing, offset),
+                          0, T - 1)
+        ab = ab_all[t]
+        ab_prev = jnp.where(k > 0, ab_all[t_prev], final_ab)
+
+        out = model_fn(x, jnp.full((batch,), t, jnp.int32)).astype(dtype)
+        x0, eps = x0_eps_from_output(parameterization, x, out, ab)
+        if clip_denoised:
+            x0 = jnp.clip(x0, -clip_range, clip_range)
+            # Keep (x0, eps) consistent with x_t after clipping.
+            eps = eps_from_x0(x, x0, ab)
+        z = jax.random.normal(jax.random.fold_in(step_rng, i), shape, dtype)
+
+        if sampler == "ddim":
+            sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+            dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0))
+            return jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z
+
+        # DDPM posterior of the respaced chain: beta'_k = 1 - ab_k / ab_{k-1}
+        # (Nichol & Dhariwal 2021, Sec. 4), mean from the (clipped) x0.
+        beta = 1 - ab / ab_prev
+        coef1 = beta * jnp.sqrt(ab_prev) / (1 - ab)
+        coef2 = (1 - ab_prev) * jnp.sqrt(1 - beta) / (1 - ab)
+        mean = coef1 * x0 + coef2 * x
+        if ddpm_variance == "fixed_small":
+            var = beta * (1 - ab_prev) / (1 - ab)
+        else:
+            var = beta
+        return mean + jnp.where(k > 0, jnp.sqrt(var), 0.0).astype(dtype) * z
+
+    x = jax.random.normal(init_rng, shape, dtype)
+    if use_python_loop:
+        for i in range(int(num_steps)):
+            x = body(i, x)
+        return x
+    return jax.lax.fori_loop(0, jnp.asarray(num_steps, jnp.int32), body, x)

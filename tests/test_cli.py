@@ -1,0 +1,70 @@
+"""train.py then sample.py end to end, and one-line errors for bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, tiny_cli_args
+
+
+def run(args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_train_then_sample_writes_png(tmp_path, shapes_data_dir):
+    workdir = str(tmp_path / "wd")
+    r = run(["train.py", "--config=configs/ddpm_shapes.py", f"--workdir={workdir}",
+             *tiny_cli_args(shapes_data_dir, **{"training.num_steps": 2})])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 2/2 | loss" in r.stdout + r.stderr
+    out = str(tmp_path / "grid.png")
+    r = run(["sample.py", f"--workdir={workdir}", "--num=6", "--steps=3", "--sampler=ddpm",
+             "--seed=1", f"--out={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with Image.open(out) as img:
+        # 6 images -> 3 columns x 2 rows of 32px with 2px padding
+        assert img.size == (2 + 3 * 34, 2 + 2 * 34) and img.mode == "RGB"
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config.training.lerning_rate=1"], ["unknown config key", "training.lerning_rate"]),
+    (["--config.trainig.num_steps=1"], ["unknown config key", "trainig.num_steps"]),
+    (["--config.training.num_steps=ten"], ["training.num_steps", "ten"]),
+    (["--config.data.image_size=48"], ["data.image_size", "48"]),
+    (["--config.model.channel_mult=(1,2,2,2,2,2,2)"], ["image size 32", "not divisible by 64"]),
+    (["--config.model.attention_resolutions=(4,)"], ["attention_resolutions", "[4]"]),
+    (["--config.training.batch_size=12"], ["batch_size=12", "8 devices"]),
+])
+def test_bad_train_input_is_one_line(tmp_path, args, needles):
+    r = run(["train.py", "--config=configs/ddpm_shapes.py", f"--workdir={tmp_path}", *args])
+    _one_line_error(r, *needles)
+
+
+def test_missing_workdir_for_sampling(tmp_path):
+    r = run(["sample.py", f"--workdir={tmp_path / 'nope'}"])
+    _one_line_error(r, "does not exist")
+
+
+def test_workdir_without_checkpoint(tmp_path):
+    from configs import ddpm_shapes
+    from ldm_jax.config_utils import save_config
+    save_config(ddpm_shapes.get_config(), str(tmp_path))
+    r = run(["sample.py", f"--workdir={tmp_path}"])
+    _one_line_error(r, "no complete checkpoint")
+
+
+def test_missing_config_flag(tmp_path):
+    r = run(["train.py", f"--workdir={tmp_path}"])
+    _one_line_error(r, "--config")
