@@ -22,10 +22,13 @@ def _check_parameterization(parameterization):
                          f"expected one of {PARAMETERIZATIONS}")
 
 
-def x0_eps_from_output(parameterization, x_t, model_output, alpha_bar):
-    """(x0, eps) implied by a model output; `alpha_bar` must broadcast against x_t."""
+# The helpers below take sqrt(ab) and sqrt(1 - ab) separately (both broadcast
+# against x): near t = 0, 1 - ab computed from a float32 ab loses ~3 digits,
+# while the schedule stores sqrt(1 - ab) computed in float64.
+
+def x0_eps_from_output(parameterization, x_t, model_output, sa, s1a):
+    """(x0, eps) implied by a model output."""
     _check_parameterization(parameterization)
-    sa, s1a = jnp.sqrt(alpha_bar), jnp.sqrt(1.0 - alpha_bar)
     if parameterization == "eps":
         return (x_t - s1a * model_output) / sa, model_output
     if parameterization == "x0":
@@ -34,30 +37,35 @@ def x0_eps_from_output(parameterization, x_t, model_output, alpha_bar):
     return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
 
 
-def output_from_x0_eps(parameterization, x0, eps, alpha_bar):
+def output_from_x0_eps(parameterization, x0, eps, sa, s1a):
     """What a perfect model of the given parameterisation would output."""
     _check_parameterization(parameterization)
     if parameterization == "eps":
         return eps
     if parameterization == "x0":
         return x0
-    return jnp.sqrt(alpha_bar) * eps - jnp.sqrt(1.0 - alpha_bar) * x0
+    return sa * eps - s1a * x0
 
 
-def eps_from_x0(x_t, x0, alpha_bar):
-    return (x_t - jnp.sqrt(alpha_bar) * x0) / jnp.sqrt(1.0 - alpha_bar)
+def eps_from_x0(x_t, x0, sa, s1a):
+    """The noise that takes x0 to x_t."""
+    return (x_t - sa * x0) / s1a
+
+
+def _coefs(schedule, t, shape):
+    return (extract(schedule.sqrt_alphas_cumprod, t, shape),
+            extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape))
 
 
 def to_x0_and_eps(schedule: Schedule, parameterization, x_t, t, model_output):
     """(x0, eps) from a model output at integer timesteps t of shape (B,)."""
-    ab = extract(schedule.alphas_cumprod, t, x_t.shape)
-    return x0_eps_from_output(parameterization, x_t, model_output, ab)
+    return x0_eps_from_output(parameterization, x_t, model_output,
+                              *_coefs(schedule, t, x_t.shape))
 
 
 def training_target(schedule: Schedule, parameterization, x0, eps, t):
     """Regression target of the given parameterisation at timesteps t (B,)."""
-    ab = extract(schedule.alphas_cumprod, t, x0.shape)
-    return output_from_x0_eps(parameterization, x0, eps, ab)
+    return output_from_x0_eps(parameterization, x0, eps, *_coefs(schedule, t, x0.shape))
 
 
 def loss_weight(snr_t, parameterization, weighting="none", snr_gamma=5.0):

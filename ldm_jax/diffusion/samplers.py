@@ -93,13 +93,24 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
     must be static. `eta` is ignored by 'ddpm'. With sampler='ddpm',
     num_steps=T, spacing='leading', steps_offset=0 this is exactly Algorithm 2
     of the DDPM paper (sigma^2 = posterior variance for 'fixed_small', beta_t
-    for 'fixed_large'; no noise on the last step).
+    for 'fixed_large'; no noise on the last step). Strided DDPM uses the
+    respaced betas beta'_k = 1 - ab[tau_k] / ab[tau_{k-1}]. With eta=1, DDIM
+    is the same process as DDPM 'fixed_small' and, given the same rng and
+    steps, returns the same samples up to rounding.
+
+    Returns the final x (the x0 samples) of `shape` and `dtype`.
     """
     _check_static(sampler, parameterization, spacing, ddpm_variance)
     T = schedule.num_timesteps
     batch = shape[0]
+    sa_all = schedule.sqrt_alphas_cumprod.astype(dtype)
+    s1a_all = schedule.sqrt_one_minus_alphas_cumprod.astype(dtype)
     ab_all = schedule.alphas_cumprod.astype(dtype)
-    final_ab = ab_all[0] if final_alpha_cumprod is None else jnp.asarray(final_alpha_cumprod, dtype)
+    if final_alpha_cumprod is None:
+        ab_final, sa_final, s1a_final = ab_all[0], sa_all[0], s1a_all[0]
+    else:
+        ab_final = jnp.asarray(final_alpha_cumprod, dtype)
+        sa_final, s1a_final = jnp.sqrt(ab_final), jnp.sqrt(1 - ab_final)
     eta = jnp.asarray(eta, dtype)
     offset = jnp.asarray(steps_offset, jnp.int32)
     init_rng, step_rng = jax.random.split(rng)
@@ -112,32 +123,42 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
         t = jnp.clip(_timestep(k, n, jnp.int32(T), spacing, offset), 0, T - 1)
         t_prev = jnp.clip(_timestep(jnp.maximum(k - 1, 0), n, jnp.int32(T), spacing, offset),
                           0, T - 1)
-        ab = ab_all[t]
-        ab_prev = jnp.where(k > 0, ab_all[t_prev], final_ab)
+        sa, s1a = sa_all[t], s1a_all[t]
+        sa_prev = jnp.where(k > 0, sa_all[t_prev], sa_final)
+        s1a_prev = jnp.where(k > 0, s1a_all[t_prev], s1a_final)
+        ab, ab_prev = ab_all[t], jnp.where(k > 0, ab_all[t_prev], ab_final)
+        # 1 - ab from the stored float64-derived root: in float32, 1 - ab
+        # itself would lose ~3 digits near t = 0.
+        one_m_ab, one_m_ab_prev = s1a ** 2, s1a_prev ** 2
+        # Respaced beta' = 1 - ab / ab_prev (Nichol & Dhariwal 2021, Sec. 4).
+        # When ab is near 1 the difference of the (1 - ab) terms is the exact one.
+        beta = jnp.where(ab > 0.5, (one_m_ab - one_m_ab_prev) / ab_prev, 1 - ab / ab_prev)
+        beta = jnp.maximum(beta, 0.0)  # 0 when the last step maps ab[0] to itself
 
         out = model_fn(x, jnp.full((batch,), t, jnp.int32)).astype(dtype)
-        x0, eps = x0_eps_from_output(parameterization, x, out, ab)
+        x0, eps = x0_eps_from_output(parameterization, x, out, sa, s1a)
         if clip_denoised:
             x0 = jnp.clip(x0, -clip_range, clip_range)
             # Keep (x0, eps) consistent with x_t after clipping.
-            eps = eps_from_x0(x, x0, ab)
+            eps = eps_from_x0(x, x0, sa, s1a)
         z = jax.random.normal(jax.random.fold_in(step_rng, i), shape, dtype)
 
         if sampler == "ddim":
-            sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-            dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0))
-            return jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * z
+            # Song et al. 2021, eq. 12 and 16.
+            sigma = eta * jnp.sqrt(one_m_ab_prev / one_m_ab * beta)
+            dir_coef = jnp.sqrt(jnp.maximum(one_m_ab_prev - sigma ** 2, 0.0))
+            return sa_prev * x0 + dir_coef * eps + sigma * z
 
-        # DDPM posterior of the respaced chain: beta'_k = 1 - ab_k / ab_{k-1}
-        # (Nichol & Dhariwal 2021, Sec. 4), mean from the (clipped) x0.
-        beta = 1 - ab / ab_prev
-        coef1 = beta * jnp.sqrt(ab_prev) / (1 - ab)
-        coef2 = (1 - ab_prev) * jnp.sqrt(1 - beta) / (1 - ab)
+        # DDPM: posterior q(x_{t'} | x_t, x0) of the respaced chain, mean from
+        # the (clipped) x0 prediction.
+        coef1 = beta * sa_prev / one_m_ab
+        coef2 = one_m_ab_prev * jnp.sqrt(1 - beta) / one_m_ab
         mean = coef1 * x0 + coef2 * x
         if ddpm_variance == "fixed_small":
-            var = beta * (1 - ab_prev) / (1 - ab)
+            var = beta * one_m_ab_prev / one_m_ab
         else:
-            var = beta
+            var = beta  # sigma^2 = beta_t, the DDPM paper's other choice
+        # No noise on the final step (DDPM Algorithm 2, z = 0 at t = 1).
         return mean + jnp.where(k > 0, jnp.sqrt(var), 0.0).astype(dtype) * z
 
     x = jax.random.normal(init_rng, shape, dtype)

@@ -125,5 +125,7 @@ def q_posterior(schedule: Schedule, x0, x_t, t):
 
 def snr(schedule: Schedule, t):
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at t, shape (B,)."""
-    ab = jnp.take(schedule.alphas_cumprod, t, axis=0)
-    return ab / (1.0 - ab)
+    # From the stored roots: 1 - ab in float32 is inaccurate near t = 0.
+    ratio = (jnp.take(schedule.sqrt_alphas_cumprod, t, axis=0)
+             / jnp.take(schedule.sqrt_one_minus_alphas_cumprod, t, axis=0))
+    return ratio ** 2
