@@ -99,23 +99,31 @@ def loss_weight(snr_t, parameterization, weighting="none", snr_gamma=5.0):
     return 1.0 / (1.0 + jnp.minimum(snr_t, 1.0 / snr_t))
 
 
+def draw_t_and_noise(schedule: Schedule, rng, shape, dtype=jnp.float32):
+    """t ~ U{0..T-1} of shape (B,) and eps ~ N(0, I) of `shape`, from one key split in two."""
+    t_rng, noise_rng = jax.random.split(rng)
+    t = jax.random.randint(t_rng, (shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+    return t, jax.random.normal(noise_rng, shape, dtype=dtype)
+
+
 def diffusion_loss(apply_fn, schedule: Schedule, x0, rng, parameterization="eps",
-                   weighting="none", snr_gamma=5.0):
+                   weighting="none", snr_gamma=5.0, t=None, noise=None):
     """Denoising loss with t ~ U{0..T-1} and eps ~ N(0, I).
 
-    `apply_fn(x_t, t) -> model_output` with t int32 of shape (B,). The rng is
-    split once into (t_rng, noise_rng). The loss is computed in at least float32
-    whatever the model's output dtype. Returns (scalar mean loss, per-example (B,)).
+    `apply_fn(x_t, t) -> model_output` with t int32 of shape (B,). t and noise are drawn
+    from `rng` (see draw_t_and_noise) unless given, e.g. as slices of a larger batch's draw.
+    The loss is computed in at least float32 whatever the model's output dtype.
+    Returns (scalar mean loss, per-example (B,)).
     """
     _check_parameterization(parameterization)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
     dtype = jnp.promote_types(x0.dtype, jnp.float32)
     x0 = x0.astype(dtype)
-    t_rng, noise_rng = jax.random.split(rng)
     batch = x0.shape[0]
-    t = jax.random.randint(t_rng, (batch,), 0, schedule.num_timesteps, dtype=jnp.int32)
-    noise = jax.random.normal(noise_rng, x0.shape, dtype=dtype)
+    if t is None or noise is None:
+        t, noise = draw_t_and_noise(schedule, rng, x0.shape, dtype)
+    noise = noise.astype(dtype)
     coef_schedule = jax.tree_util.tree_map(lambda a: a.astype(dtype), schedule)
     x_t = q_sample(coef_schedule, x0, t, noise)
     out = apply_fn(x_t, t).astype(dtype)

@@ -52,41 +52,46 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
     accum = config.optimizer.grad_accum_steps
     decay = config.training.ema_decay
 
-    def loss_fn(params, x0, key):
-        drop_key, noise_key = jax.random.split(key)
-        apply = lambda x_t, t: model.apply({"params": params}, x_t, t, train=True,
-                                           rngs={"dropout": drop_key})
-        loss, _ = objectives.diffusion_loss(apply, schedule, x0, noise_key,
+    def loss_fn(params, x0, t, noise, dropout_key):
+        apply = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True,
+                                            rngs={"dropout": dropout_key})
+        loss, _ = objectives.diffusion_loss(apply, schedule, x0, None,
                                             parameterization=d.parameterization,
-                                            weighting=d.loss_weighting, snr_gamma=d.snr_gamma)
+                                            weighting=d.loss_weighting, snr_gamma=d.snr_gamma,
+                                            t=t, noise=noise)
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def accumulated_grads(params, images, key):
+    def batch_grads(params, images, key):
+        # t and noise are drawn for the whole batch, so accumulating micro-batches sees exactly
+        # the draws of one large batch (dropout masks aside).
+        noise_key, dropout_key = jax.random.split(key)
+        t, noise = objectives.draw_t_and_noise(schedule, noise_key, images.shape)
         if accum == 1:
-            return grad_fn(params, images, key)
-        b = images.shape[0]
+            return grad_fn(params, images, t, noise, dropout_key)
         # Strided micro-batches (row i*accum + j goes to micro-batch j) keep every micro-batch
         # spread over all devices of the data axis instead of a contiguous block on a few.
-        micro = images.reshape(b // accum, accum, *images.shape[1:]).swapaxes(0, 1)
+        split = lambda a: a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1)
+        micro = [split(images), split(t), split(noise)]
         if mesh is not None:
-            micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, DATA_AXIS)))
+            micro = [jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, DATA_AXIS)))
+                     for m in micro]
 
         def body(carry, xs):
             loss_sum, grad_sum = carry
-            j, x0 = xs
-            loss, grads = grad_fn(params, x0, jax.random.fold_in(key, j))
+            j, x0, tj, nj = xs
+            loss, grads = grad_fn(params, x0, tj, nj, jax.random.fold_in(dropout_key, j))
             return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                        (jnp.arange(accum), micro))
+                                        (jnp.arange(accum), *micro))
         return loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = accumulated_grads(state.params, batch["image"], key)
+        loss, grads = batch_grads(state.params, batch["image"], key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
