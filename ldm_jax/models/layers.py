@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.initializers import lecun_normal
+
 Dtype = Any
 
 
@@ -63,7 +65,7 @@ def _conv(features, kernel=3, stride=1, dtype=jnp.float32, name=None, zero_init=
     padding = ((pad, pad), (pad, pad)) if padding is None else padding
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=padding, dtype=dtype, name=name,
-                   kernel_init=nn.initializers.zeros if zero_init else nn.initializers.lecun_normal())
+                   kernel_init=nn.initializers.zeros if zero_init else lecun_normal)
 
 
 class ResBlock(nn.Module):
@@ -79,7 +81,7 @@ class ResBlock(nn.Module):
         norm = lambda name: GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name=name)
         h = nn.silu(norm("norm1")(x))
         h = _conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
-        t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_proj")(nn.silu(temb))
+        t = nn.Dense(self.out_channels, dtype=self.dtype, kernel_init=lecun_normal, name="time_proj")(nn.silu(temb))
         h = h + t[:, None, None, :].astype(h.dtype)
         h = nn.silu(norm("norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -110,7 +112,8 @@ class SelfAttentionBlock(nn.Module):
             raise ValueError(f"attention: {c} channels cannot be split into {heads} heads")
         h = GroupNorm(self.norm_groups, self.norm_eps, dtype=self.dtype, name="norm")(x)
         h = h.reshape(b, hgt * wid, c)
-        qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, name="qkv")(h)
+        qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, kernel_init=lecun_normal,
+                              name="qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = jax.nn.dot_product_attention(q, k, v)
         out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name="proj_out",

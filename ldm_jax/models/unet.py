@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.initializers import lecun_normal
 from ldm_jax.models.layers import (Downsample, GroupNorm, ResBlock, SelfAttentionBlock,
                                    Upsample, _conv, timestep_embedding)
 
@@ -46,8 +47,8 @@ class UNet(nn.Module):
 
         temb_dim = 4 * self.base_channels
         temb = timestep_embedding(t, self.base_channels)
-        temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_dense1")(temb)
-        temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_dense2")(nn.silu(temb))
+        temb = nn.Dense(temb_dim, dtype=self.dtype, kernel_init=lecun_normal, name="time_dense1")(temb)
+        temb = nn.Dense(temb_dim, dtype=self.dtype, kernel_init=lecun_normal, name="time_dense2")(nn.silu(temb))
 
         h = _conv(self.base_channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         skips = [h]

@@ -10,6 +10,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.diffusion import objectives, schedules
+from ldm_jax.models.initializers import init_from_one_draw
 from ldm_jax.models.unet import UNet
 from ldm_jax.parallel import DATA_AXIS
 from ldm_jax.training.train_state import TrainState, ema_update
@@ -42,7 +43,7 @@ def init_state(config, model, tx, rng) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     x = jnp.zeros(image_shape(config), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    params = model.init({"params": init_rng}, x, t)["params"]
+    params = init_from_one_draw(lambda k: model.init({"params": k}, x, t), init_rng)["params"]
     return TrainState.create(params, tx, state_rng)
 
 
