@@ -8,5 +8,5 @@ WORKDIR=${WORKDIR:-workdirs/ddpm_shapes}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
 .venv/bin/python train.py --config=configs/ddpm_shapes.py --workdir="$WORKDIR" "$@"
-.venv/bin/python sample.py --workdir="$WORKDIR" --num=16 --steps=50 --sampler=ddim --seed=0 \
+.venv/bin/python sample.py --workdir="$WORKDIR" --num=16 --steps=50 --seed=0 \
   --out="$WORKDIR/samples/final_grid.png"

@@ -148,13 +148,13 @@ def _convert_leaf(prefix: str, module: tuple[str, ...], leaf: str, shape, take) 
     if kind == "qkv":
         names = [f"{p}.{suffix}" for p in ("to_q", "to_k", "to_v")]
         tensors = [take(n) for n in names]
+        shapes = [w.shape for w in tensors]
+        if len(set(shapes)) != 1:
+            raise ValueError(f"shape mismatch: {[f'{prefix}.{n}' for n in names]} have shapes {shapes}")
         # 3 x (out, in) -> (in, 3, out); 3 x (out,) -> (3, out). Heads are the leading
         # channel blocks of `out` in both libraries, so the head split is a plain reshape.
         value = np.stack([w.T for w in tensors], axis=1) if leaf == "kernel" else np.stack(tensors)
         want = (shape[0], 3, shape[2] * shape[3]) if leaf == "kernel" else (3, shape[1] * shape[2])
-        shapes = [w.shape for w in tensors]
-        if len(set(shapes)) != 1:
-            raise ValueError(f"shape mismatch: {[f'{prefix}.{n}' for n in names]} have shapes {shapes}")
     else:
         names = ["to_out.0." + suffix] if kind == "proj_out" else [suffix]
         value = take(names[0])

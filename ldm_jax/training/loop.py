@@ -22,13 +22,14 @@ from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
 
 
-def _load_data(config, mesh):
-    """Process 0 prepares the embedded dataset (if needed) before the others open it."""
+def _load_data(config):
+    """Process 0 prepares the embedded dataset first; the others then find it on a shared
+    filesystem, or prepare their own identical copy (it is deterministic) on a local one."""
     if jax.process_index() == 0:
         source = pipeline.load_source(config.data, prepare=True)
     multihost_utils.sync_global_devices("data_prepared")
     if jax.process_index() != 0:
-        source = pipeline.load_source(config.data, prepare=False)
+        source = pipeline.load_source(config.data, prepare=True)
     return source
 
 
@@ -56,7 +57,7 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
     abstract = jax.eval_shape(init, rng)
     state_sharding = parallel.state_sharding(mesh, abstract)
     ckpt = Checkpointer(workdir, t.keep_checkpoints, t.async_checkpointing)
-    source = _load_data(config, mesh)
+    source = _load_data(config)
     data_iter = pipeline.make_train_iterator(source, config.data, t.batch_size, config.seed,
                                              jax.process_index(), jax.process_count())
 
