@@ -212,7 +212,8 @@ def unet2d_state_dict_to_params(state_dict: dict, *, num_res_blocks: int, channe
         module, leaf = path[:-1], path[-1]
         prefix = _source_module(tuple(p for p in module if p not in ("qkv", "proj_out")),
                                 len(channel_mult))
-        flat[path] = jnp.asarray(_convert_leaf(prefix, module, leaf, shape, fetch(prefix)))
+        # jnp.array always copies, so the result never aliases the caller's (e.g. torch) buffers.
+        flat[path] = jnp.array(_convert_leaf(prefix, module, leaf, shape, fetch(prefix)))
     unused = sorted(set(sd) - used)
     if unused:
         raise ValueError(f"unexpected source keys (config mismatch?): {unused[:8]}"

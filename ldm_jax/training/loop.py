@@ -20,6 +20,7 @@ from ldm_jax.training import ddpm_stage
 from ldm_jax.training.metrics_logger import MetricLogger
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
+from ldm_jax.utils.memory import release_freed_heap
 
 
 def _load_data(config):
@@ -92,6 +93,7 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
         done = step + 1
         if step == first_step:
             jax.block_until_ready(metrics)
+            release_freed_heap()
             logger.note(f"first step (with compilation) took {time.time() - start:.1f}s since start-up")
             logger.reset_timer(done)
         if pending and (done % t.log_every == 0 or done == t.num_steps):
