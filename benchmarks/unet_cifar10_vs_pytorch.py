@@ -218,6 +218,7 @@ def child_peak(which: str, args) -> float:
     cmd = [sys.executable, os.path.abspath(__file__), f"--only={which}", f"--batch={args.batch}",
            f"--dropout={args.dropout}", f"--threads={args.threads}"]
     cmd += ["--quick"] * args.quick + ["--malloc-trim"] * args.malloc_trim
+    cmd += ["--xla-defaults"] * args.xla_defaults
     cmd += [] if args.opt_level is None else [f"--opt-level={args.opt_level}"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_gib"]
@@ -242,8 +243,13 @@ def main():
                    help="call glibc malloc_trim(0) after set-up in the memory runs (both sides)")
     p.add_argument("--opt-level", type=int, choices=[0, 1, 2, 3],
                    help="XLA backend optimisation level for our compiles (XLA's default: 3)")
+    p.add_argument("--xla-defaults", action="store_true",
+                   help="leave XLA's CPU defaults (YNNPACK fusions) on instead of ldm_jax's flags")
     p.add_argument("--only", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.xla_defaults:
+        from ldm_jax.xla_cpu import use_fast_cpu_flags
+        use_fast_cpu_flags()  # children inherit XLA_FLAGS through the environment
     if args.only:
         return peak_rss_only(args.only, args)
 
@@ -273,7 +279,8 @@ def main():
           f"{args.threads} threads; median of {args.reps} interleaved reps "
           f"(spread ours {_spread(times['jax_train'])}, PyTorch {_spread(times['torch_train'])} "
           "train)")
-    print(f"XLA backend opt level {args.opt_level if args.opt_level is not None else 'default'}; "
+    print(f"XLA_FLAGS='{os.environ.get('XLA_FLAGS', '')}'; "
+          f"XLA backend opt level {args.opt_level if args.opt_level is not None else 'default'}; "
           f"malloc_trim in the memory runs {'on' if args.malloc_trim else 'off'}\n")
     rows = [
         ("train step (fwd+bwd+AdamW), ms", med["torch_train"], med["jax_train"],

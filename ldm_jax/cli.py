@@ -6,6 +6,8 @@ import sys
 
 from absl import flags
 
+from ldm_jax.xla_cpu import use_fast_cpu_flags
+
 FLAGS = flags.FLAGS
 
 
@@ -52,6 +54,7 @@ def readable_errors():
 
 def run(main) -> int:
     """Parse flags and call main; flag errors (unknown config key, wrong type) become one line."""
+    use_fast_cpu_flags()  # before anything creates a JAX backend
     try:
         argv = FLAGS(sys.argv)
     except flags.Error as e:

@@ -8,6 +8,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ldm_jax.xla_cpu import use_fast_cpu_flags  # noqa: E402
+
+use_fast_cpu_flags()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
