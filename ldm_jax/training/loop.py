@@ -88,6 +88,10 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
     for step in range(first_step, last_step):
         batch = parallel.global_batch(next(data_iter), mesh)
         state, metrics = step_fn(state, batch)
+        if pending:
+            # At most one step in flight: the bar counts finished steps, and the host does
+            # not queue up batches and buffers ahead of the device.
+            jax.block_until_ready(pending[-1])
         pending.append(metrics)
         logger.advance()
         done = step + 1
