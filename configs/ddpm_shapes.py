@@ -1,7 +1,10 @@
 """Pixel-space DDPM on the embedded shapes dataset (32x32): the default, download-free job.
 
 COMMAND: python train.py --config=configs/ddpm_shapes.py --workdir=workdirs/ddpm_shapes
-Expected on 2 CPU cores: ~1.3 s/step; recognisable coloured shapes in samples after ~10 minutes.
+Measured on 2 AVX2 CPU cores: 1.1M-parameter U-Net, ~1.3 s/step (25 img/s), 600 steps in
+~14 minutes, loss 0.96 -> 0.015. Samples then show flat backgrounds with one or two coloured
+blobs where the shapes go; the outlines are not yet crisp and background colours are often
+off the dataset's four. Longer runs (--config.training.num_steps=...) sharpen them.
 """
 from configs import ddpm_base
 
@@ -13,7 +16,7 @@ def get_config():
     config.data.num_train = 20000
     config.data.random_flip = False  # a flip would contradict "left"/"right" in the captions
 
-    config.model.base_channels = 64
+    config.model.base_channels = 32
     config.model.channel_mult = (1, 2, 2)
     config.model.num_res_blocks = 1
     config.model.attention_resolutions = (8,)
@@ -24,11 +27,11 @@ def get_config():
     config.optimizer.schedule = "cosine"
 
     config.training.batch_size = 32
-    config.training.num_steps = 500
+    config.training.num_steps = 600
     config.training.ema_decay = 0.99
     config.training.log_every = 25
-    config.training.checkpoint_every = 250
-    config.training.sample_every = 500
+    config.training.checkpoint_every = 200
+    config.training.sample_every = 200
     config.training.num_samples = 16
     # After a short run, ancestral DDPM sampling gives clean backgrounds where deterministic
     # DDIM (eta=0) still leaves visible noise; DDIM catches up as training goes on.
