@@ -63,3 +63,16 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """Barrier through the coordination service, not through a collective.
+
+    Gloo (CPU) sets up its context at the first collective and gives up when the other
+    processes arrive more than 30 s later, e.g. while one is still compiling. Meeting here
+    first puts every process at that collective together. No-op in a single process.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client jax.distributed.initialize created
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

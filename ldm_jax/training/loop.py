@@ -10,7 +10,6 @@ import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from ldm_jax import config_utils, parallel, sampling
 from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
@@ -28,7 +27,7 @@ def _load_data(config):
     filesystem, or prepare their own identical copy (it is deterministic) on a local one."""
     if jax.process_index() == 0:
         source = pipeline.load_source(config.data, prepare=True)
-    multihost_utils.sync_global_devices("data_prepared")
+    parallel.wait_for_all_processes("data_prepared")
     if jax.process_index() != 0:
         source = pipeline.load_source(config.data, prepare=True)
     return source
@@ -87,6 +86,10 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
     last_step = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
     for step in range(first_step, last_step):
         batch = parallel.global_batch(next(data_iter), mesh)
+        if step == first_step:
+            # Compile ahead, then start the first step on every process at once.
+            step_fn = step_fn.lower(state, batch).compile()
+            parallel.wait_for_all_processes("train_step_compiled")
         state, metrics = step_fn(state, batch)
         if pending:
             # At most one step in flight: the bar counts finished steps, and the host does
