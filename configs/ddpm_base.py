@@ -33,8 +33,11 @@ def get_config():
         beta_start=1e-4,
         beta_end=0.02,
         parameterization="eps",  # eps | x0 | v
-        loss_weighting="none",  # none | min_snr
+        loss_weighting="none",  # none | min_snr | truncated_snr
         snr_gamma=5.0,
+        timestep_sampling="uniform",  # uniform | logit_normal (training t distribution)
+        logit_mean=0.0,         # logit_normal only: t/T = sigmoid(N(logit_mean, logit_std^2))
+        logit_std=1.0,
     )
     config.optimizer = dict(
         lr=2e-4,

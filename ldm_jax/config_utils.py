@@ -20,13 +20,19 @@ def _one_of(value, allowed, field):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Reject configs that would fail later with an obscure trace, naming the field to change."""
+    from ldm_jax.diffusion import objectives
     from ldm_jax.models.unet import check_input_size
 
     _one_of(config.stage, ("ddpm",), "stage")
     _one_of(config.data.name, ("shapes", "cifar10"), "data.name")
     _one_of(config.diffusion.schedule, ("linear", "scaled_linear", "cosine"), "diffusion.schedule")
-    _one_of(config.diffusion.parameterization, ("eps", "x0", "v"), "diffusion.parameterization")
-    _one_of(config.diffusion.loss_weighting, ("none", "min_snr"), "diffusion.loss_weighting")
+    _one_of(config.diffusion.parameterization, objectives.PARAMETERIZATIONS,
+            "diffusion.parameterization")
+    _one_of(config.diffusion.loss_weighting, objectives.WEIGHTINGS, "diffusion.loss_weighting")
+    _one_of(config.diffusion.timestep_sampling, objectives.T_SAMPLINGS,
+            "diffusion.timestep_sampling")
+    if config.diffusion.logit_std <= 0:
+        raise ConfigError(f"diffusion.logit_std={config.diffusion.logit_std} must be positive")
     _one_of(config.optimizer.schedule, ("constant", "cosine"), "optimizer.schedule")
     _one_of(config.training.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype")
     _one_of(config.sampling.sampler, ("ddim", "ddpm"), "sampling.sampler")

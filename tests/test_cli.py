@@ -46,6 +46,9 @@ def _one_line_error(r, *needles):
     (["--config.model.channel_mult=(1,2,2,2,2,2,2)"], ["image size 32", "not divisible by 64"]),
     (["--config.model.attention_resolutions=(4,)"], ["attention_resolutions", "[4]"]),
     (["--config.training.batch_size=12"], ["batch_size=12", "8 devices"]),
+    (["--config.diffusion.timestep_sampling=lognormal"],
+     ["diffusion.timestep_sampling", "lognormal", "logit_normal"]),
+    (["--config.diffusion.logit_std=0.0"], ["diffusion.logit_std", "positive"]),
 ])
 def test_bad_train_input_is_one_line(tmp_path, args, needles):
     r = run(["train.py", "--config=configs/ddpm_shapes.py", f"--workdir={tmp_path}", *args])

@@ -276,3 +276,41 @@ def test_loss_is_float32_for_bf16_model():
     g = jax.jit(jax.grad(lambda w: obj.diffusion_loss(
         lambda xt, t: (w * xt).astype(jnp.bfloat16), s, x0, jax.random.PRNGKey(0))[0]))(1.0)
     assert np.isfinite(float(g))
+
+
+# ------------------------------------------------------ timestep sampling
+
+def test_uniform_timesteps_cover_range_evenly():
+    s = f64_schedule("cosine", T=10)
+    t = np.asarray(obj.draw_timesteps(s, jax.random.PRNGKey(0), 20000))
+    assert t.dtype == np.int32 and t.min() == 0 and t.max() == 9
+    np.testing.assert_allclose(np.bincount(t, minlength=10) / t.size, 0.1, atol=0.01)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-0.5, 0.7)])
+def test_logit_normal_timesteps_match_closed_form_cdf(mean, std):
+    # P(t < k) = P(T * sigmoid(u) < k) = Phi((logit(k / T) - mean) / std).
+    s = f64_schedule("cosine", T=1000)
+    t = np.asarray(obj.draw_timesteps(s, jax.random.PRNGKey(1), 50000, "logit_normal", mean, std))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    for k in (100, 250, 500, 750, 900):
+        z = (math.log(k / (1000 - k)) - mean) / std
+        expected = 0.5 * (1 + math.erf(z / math.sqrt(2)))
+        assert np.mean(t < k) == pytest.approx(expected, abs=0.01), k
+
+
+def test_logit_normal_concentrates_on_middle_and_clips_to_range():
+    s = f64_schedule("cosine", T=1000)
+    key = jax.random.PRNGKey(2)
+    middle = lambda t: np.mean((t >= 250) & (t < 750))
+    uni = np.asarray(obj.draw_timesteps(s, key, 20000))
+    ln = np.asarray(obj.draw_timesteps(s, key, 20000, "logit_normal"))
+    assert middle(uni) == pytest.approx(0.5, abs=0.02) and middle(ln) > 0.7
+    wide = np.asarray(obj.draw_timesteps(s, key, 20000, "logit_normal", 0.0, 50.0))
+    assert wide.min() == 0 and wide.max() == 999
+
+
+def test_unknown_timestep_sampling_raises_with_names():
+    with pytest.raises(ValueError) as e:
+        obj.draw_timesteps(f64_schedule(), jax.random.PRNGKey(0), 4, "beta")
+    assert "logit_normal" in str(e.value) and "uniform" in str(e.value)

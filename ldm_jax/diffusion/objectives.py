@@ -99,10 +99,32 @@ def loss_weight(snr_t, parameterization, weighting="none", snr_gamma=5.0):
     return 1.0 / (1.0 + jnp.minimum(snr_t, 1.0 / snr_t))
 
 
-def draw_t_and_noise(schedule: Schedule, rng, shape, dtype=jnp.float32):
-    """t ~ U{0..T-1} of shape (B,) and eps ~ N(0, I) of `shape`, from one key split in two."""
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def draw_timesteps(schedule: Schedule, rng, batch: int, sampling="uniform",
+                   logit_mean=0.0, logit_std=1.0):
+    """Integer timesteps (B,) for training.
+
+    uniform:      t ~ U{0..T-1} (Ho et al. 2020).
+    logit_normal: t = floor(T * sigmoid(u)), u ~ N(logit_mean, logit_std^2) (Esser et al. 2024):
+                  more of the batch at intermediate noise, where image structure is decided,
+                  and less at the nearly clean and nearly pure-noise ends.
+    """
+    if sampling not in T_SAMPLINGS:
+        raise ValueError(f"unknown timestep sampling {sampling!r}; expected one of {T_SAMPLINGS}")
+    n = schedule.num_timesteps
+    if sampling == "uniform":
+        return jax.random.randint(rng, (batch,), 0, n, dtype=jnp.int32)
+    u = logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32)
+    return jnp.clip(jnp.floor(n * jax.nn.sigmoid(u)), 0, n - 1).astype(jnp.int32)
+
+
+def draw_t_and_noise(schedule: Schedule, rng, shape, dtype=jnp.float32, sampling="uniform",
+                     logit_mean=0.0, logit_std=1.0):
+    """Timesteps (B,) (see draw_timesteps) and eps ~ N(0, I) of `shape`, from one key split in two."""
     t_rng, noise_rng = jax.random.split(rng)
-    t = jax.random.randint(t_rng, (shape[0],), 0, schedule.num_timesteps, dtype=jnp.int32)
+    t = draw_timesteps(schedule, t_rng, shape[0], sampling, logit_mean, logit_std)
     return t, jax.random.normal(noise_rng, shape, dtype=dtype)
 
 

@@ -68,7 +68,9 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
         # t and noise are drawn for the whole batch, so accumulating micro-batches sees exactly
         # the draws of one large batch (dropout masks aside).
         noise_key, dropout_key = jax.random.split(key)
-        t, noise = objectives.draw_t_and_noise(schedule, noise_key, images.shape)
+        t, noise = objectives.draw_t_and_noise(schedule, noise_key, images.shape,
+                                                sampling=d.timestep_sampling,
+                                                logit_mean=d.logit_mean, logit_std=d.logit_std)
         if accum == 1:
             return grad_fn(params, images, t, noise, dropout_key)
         # Strided micro-batches (row i*accum + j goes to micro-batch j) keep every micro-batch
