@@ -20,12 +20,13 @@ def _one_of(value, allowed, field):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Reject configs that would fail later with an obscure trace, naming the field to change."""
-    from ldm_jax.diffusion import objectives
+    from ldm_jax.data import shapes
+    from ldm_jax.diffusion import objectives, samplers, schedules
     from ldm_jax.models.unet import check_input_size
 
     _one_of(config.stage, ("ddpm",), "stage")
     _one_of(config.data.name, ("shapes", "cifar10"), "data.name")
-    _one_of(config.diffusion.schedule, ("linear", "scaled_linear", "cosine"), "diffusion.schedule")
+    _one_of(config.diffusion.schedule, schedules.BETA_KINDS, "diffusion.schedule")
     _one_of(config.diffusion.parameterization, objectives.PARAMETERIZATIONS,
             "diffusion.parameterization")
     _one_of(config.diffusion.loss_weighting, objectives.WEIGHTINGS, "diffusion.loss_weighting")
@@ -35,11 +36,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"diffusion.logit_std={config.diffusion.logit_std} must be positive")
     _one_of(config.optimizer.schedule, ("constant", "cosine"), "optimizer.schedule")
     _one_of(config.training.compute_dtype, ("float32", "bfloat16"), "training.compute_dtype")
-    _one_of(config.sampling.sampler, ("ddim", "ddpm"), "sampling.sampler")
-    _one_of(config.sampling.spacing, ("leading", "trailing", "linspace"), "sampling.spacing")
-    _one_of(config.sampling.ddpm_variance, ("fixed_small", "fixed_large"), "sampling.ddpm_variance")
+    _one_of(config.sampling.sampler, samplers.SAMPLERS, "sampling.sampler")
+    _one_of(config.sampling.spacing, samplers.SPACINGS, "sampling.spacing")
+    _one_of(config.sampling.ddpm_variance, samplers.DDPM_VARIANCES, "sampling.ddpm_variance")
     if config.data.name == "shapes":
-        _one_of(config.data.image_size, (32, 64, 128), "data.image_size (shapes dataset)")
+        _one_of(config.data.image_size, shapes.ALLOWED_IMAGE_SIZES, "data.image_size (shapes dataset)")
     if config.data.name == "cifar10" and config.data.image_size != 32:
         raise ConfigError(f"data.image_size={config.data.image_size}: CIFAR-10 images are 32x32; set 32")
     try:
