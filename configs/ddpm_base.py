@@ -26,6 +26,7 @@ def get_config():
         dropout=0.1,
         norm_groups=32,
         remat=False,
+        label_keys=(),          # dataset labels the U-Net is conditioned on; () = unconditional
     )
     config.diffusion = dict(
         schedule="linear",      # linear | scaled_linear | cosine
@@ -62,6 +63,7 @@ def get_config():
         sample_every=10_000,    # 0 disables sample grids during training
         num_samples=64,
         progress_bar=True,
+        label_drop_prob=0.1,    # conditional models: fraction trained without labels (for guidance)
     )
     config.sampling = dict(
         sampler="ddim",         # ddim | ddpm
@@ -72,5 +74,6 @@ def get_config():
         ddpm_variance="fixed_small",  # fixed_small | fixed_large
         clip_denoised=True,
         use_ema=True,
+        guidance_scale=1.0,     # conditional models: classifier-free guidance; 1 = none
     )
     return config

@@ -52,6 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if (config.model.base_channels * ch_mult) % config.model.norm_groups:
             raise ConfigError(f"model.base_channels * {ch_mult} is not divisible by "
                               f"model.norm_groups={config.model.norm_groups}")
+    _check_labels(config)
     t = config.training
     accum = config.optimizer.grad_accum_steps
     if accum < 1 or t.batch_size % accum:
@@ -61,6 +62,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"training.num_steps={t.num_steps} must be at least 1")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"training.ema_decay={t.ema_decay} must be in [0, 1)")
+
+
+def _check_labels(config) -> None:
+    from ldm_jax.data import pipeline
+
+    available = pipeline.label_sizes(config.data)
+    keys = tuple(config.model.label_keys)
+    unknown = [k for k in keys if k not in available]
+    if unknown:
+        raise ConfigError(f"model.label_keys {unknown} are not labels of the {config.data.name} "
+                          f"dataset; choose from {sorted(available)}")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"model.label_keys {list(keys)} names a label twice")
+    if not 0.0 <= config.training.label_drop_prob < 1.0:
+        raise ConfigError(f"training.label_drop_prob={config.training.label_drop_prob} must be in [0, 1)")
+    if config.sampling.guidance_scale != 1.0 and not keys:
+        raise ConfigError(f"sampling.guidance_scale={config.sampling.guidance_scale} needs a "
+                          "label-conditioned model; set model.label_keys or leave the scale at 1")
+    if config.sampling.guidance_scale != 1.0 and config.training.label_drop_prob == 0:
+        raise ConfigError("sampling.guidance_scale != 1 needs an unconditional model too; "
+                          "train with training.label_drop_prob > 0 (e.g. 0.1)")
 
 
 def check_batch_divides(batch_size: int, num_devices: int, num_processes: int, accum: int) -> None:
@@ -88,4 +110,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"no {CONFIG_FILE} in workdir {workdir!r}: is this the --workdir "
                                 "a train.py run wrote to?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    # Fields added after a workdir was written take their defaults, which keep the old behaviour.
+    from configs import ddpm_base
+    return ml_collections.ConfigDict(_merge(ddpm_base.get_config().to_dict(), saved))
+
+
+def _merge(defaults: dict, saved: dict) -> dict:
+    out = dict(defaults)
+    for key, value in saved.items():
+        out[key] = (_merge(defaults[key], value)
+                    if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
+    return out

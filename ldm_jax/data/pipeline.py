@@ -40,14 +40,31 @@ def load_source(data_config, split: str = "train", prepare: bool = True):
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
+def label_sizes(data_config) -> dict:
+    """Label name -> number of values, for the labels `data_config.name` provides."""
+    if data_config.name == "shapes":
+        from ldm_jax.data import shapes
+        return dict(shapes.LABEL_SIZES)
+    if data_config.name == "cifar10":
+        return {"label": 10}
+    raise ValueError(f"unknown dataset {data_config.name!r}")
+
+
+def stack_labels(element, label_keys) -> np.ndarray:
+    """The (len(label_keys),) int32 label vector of one record."""
+    return np.asarray([element[k] for k in label_keys], np.int32)
+
+
 class _LoadAndPreprocess(grain.transforms.Map):
-    """Global stream index -> float32 image in [-1, 1] (optionally flipped), integer labels kept.
+    """Global stream index -> float32 image in [-1, 1] (optionally flipped), plus the labels
+    named in `label_keys` stacked into one int32 vector under 'labels'.
 
     The flip is drawn from (seed, global index), so it does not depend on the process layout.
     """
 
-    def __init__(self, stream, random_flip: bool, seed: int):
+    def __init__(self, stream, random_flip: bool, seed: int, label_keys=()):
         self.stream, self.random_flip, self.seed = stream, random_flip, seed
+        self.label_keys = tuple(label_keys)
 
     def map(self, g: int):
         element = self.stream[g]
@@ -55,13 +72,13 @@ class _LoadAndPreprocess(grain.transforms.Map):
         if self.random_flip and np.random.default_rng([self.seed, g]).random() < 0.5:
             image = image[:, ::-1]
         out = {_IMAGE_KEY: image}
-        if "label" in element:
-            out["label"] = np.asarray(element["label"], np.int32)
+        if self.label_keys:
+            out["labels"] = stack_labels(element, self.label_keys)
         return out
 
 
 def make_train_iterator(source, data_config, global_batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1):
+                        process_index: int = 0, process_count: int = 1, label_keys=()):
     """A checkpointable iterator of this process's share of each global batch (numpy dicts)."""
     if global_batch_size % process_count:
         raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} processes")
@@ -73,7 +90,7 @@ def make_train_iterator(source, data_config, global_batch_size: int, seed: int,
 
     ds = (grain.MapDataset.range(0, 2**62)
           .map(global_index)
-          .map(_LoadAndPreprocess(stream, data_config.random_flip, seed))
+          .map(_LoadAndPreprocess(stream, data_config.random_flip, seed, label_keys))
           .batch(local, drop_remainder=True))
     read = grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
     return iter(ds.to_iter_dataset(read))

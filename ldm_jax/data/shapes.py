@@ -72,6 +72,14 @@ LABEL_KEYS = (
     "color_1", "shape_1", "size_1", "position_1",
 )
 
+# How many values each label takes (an absent second object has -1 in all four of its keys).
+LABEL_SIZES = {
+    "num_objects": MAX_OBJECTS + 1, "background": len(BACKGROUNDS),
+    **{f"{attr}_{k}": n for k in range(MAX_OBJECTS)
+       for attr, n in (("color", len(COLORS)), ("shape", len(SHAPES)),
+                       ("size", len(SIZES)), ("position", len(POSITIONS)))},
+}
+
 _SUPERSAMPLE = 4
 # Fraction of the free margin inside a cell used for position jitter, so an
 # object never leaves its cell.

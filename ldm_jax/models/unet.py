@@ -1,8 +1,9 @@
 """The DDPM/ADM-style U-Net (Ho et al. 2020; Dhariwal & Nichol 2021), in Flax Linen.
 
 Input NHWC images and integer (or fractional) timesteps; output has the input's channels
-(or `out_channels`). Conditioning on text (cross-attention) and classes is added by later
-stages through the `context` argument, which is reserved here.
+(or `out_channels`). With `label_sizes`, integer labels (one column per label) are embedded
+and added to the time embedding, as ADM does for classes. Conditioning on text
+(cross-attention) is added by later stages through the `context` argument, reserved here.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.initializers import lecun_normal
+from ldm_jax.models.label_embedding import LabelEmbedding
 from ldm_jax.models.layers import (Downsample, GroupNorm, ResBlock, SelfAttentionBlock,
                                    Upsample, _conv, timestep_embedding)
 
@@ -31,12 +33,16 @@ class UNet(nn.Module):
     downsample_padding: int = 0
     out_channels: int | None = None
     remat: bool = False  # recompute residual blocks in the backward pass to save memory
+    label_sizes: Sequence[int] = ()  # values per conditioning label; () = unconditional
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, t, *, context=None, train: bool = False):
+    def __call__(self, x, t, *, labels=None, context=None, train: bool = False):
         if context is not None:
             raise NotImplementedError("this U-Net has no cross-attention; use a conditional U-Net")
+        if (labels is None) != (not self.label_sizes):
+            raise ValueError("labels must be given exactly when the U-Net has label_sizes "
+                             f"(label_sizes={tuple(self.label_sizes)}, labels given: {labels is not None})")
         check_input_size(x.shape[1], self.channel_mult, self.attention_resolutions)
         out_ch = self.out_channels or x.shape[-1]
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
@@ -49,6 +55,9 @@ class UNet(nn.Module):
         temb = timestep_embedding(t, self.base_channels)
         temb = nn.Dense(temb_dim, dtype=self.dtype, kernel_init=lecun_normal, name="time_dense1")(temb)
         temb = nn.Dense(temb_dim, dtype=self.dtype, kernel_init=lecun_normal, name="time_dense2")(nn.silu(temb))
+        if self.label_sizes:
+            temb = temb + LabelEmbedding(tuple(self.label_sizes), temb_dim, self.dtype,
+                                         name="label_embedding")(labels)
 
         h = _conv(self.base_channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         skips = [h]

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ldm_jax.diffusion import objectives, schedules
+from ldm_jax.data import pipeline
+from ldm_jax.diffusion import guidance, objectives, schedules
 from ldm_jax.models.initializers import init_from_one_draw
 from ldm_jax.models.unet import UNet
 from ldm_jax.parallel import DATA_AXIS
@@ -23,8 +24,19 @@ def build_model(config, compute_dtype: str | None = None) -> UNet:
     return UNet(base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
                 num_heads=m.num_heads, head_dim=m.head_dim or None, dropout=m.dropout,
-                norm_groups=m.norm_groups, remat=m.remat,
+                norm_groups=m.norm_groups, remat=m.remat, label_sizes=label_sizes(config),
                 dtype=_DTYPES[compute_dtype or config.training.compute_dtype])
+
+
+def label_sizes(config) -> tuple:
+    """Values per conditioning label (config.model.label_keys, in order); () if unconditional."""
+    sizes = pipeline.label_sizes(config.data)
+    return tuple(sizes[k] for k in config.model.label_keys)
+
+
+def is_guided(config) -> bool:
+    """Whether sampling runs classifier-free guidance (a conditional model, scale != 1)."""
+    return bool(config.model.label_keys) and config.sampling.guidance_scale != 1.0
 
 
 def build_schedule(config) -> schedules.Schedule:
@@ -43,7 +55,9 @@ def init_state(config, model, tx, rng) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     x = jnp.zeros(image_shape(config), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    params = init_from_one_draw(lambda k: model.init({"params": k}, x, t), init_rng)["params"]
+    labels = jnp.zeros((1, len(model.label_sizes)), jnp.int32) if model.label_sizes else None
+    params = init_from_one_draw(lambda k: model.init({"params": k}, x, t, labels=labels),
+                                init_rng)["params"]
     return TrainState.create(params, tx, state_rng)
 
 
@@ -52,9 +66,10 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
     d = config.diffusion
     accum = config.optimizer.grad_accum_steps
     decay = config.training.ema_decay
+    drop_prob = config.training.label_drop_prob
 
-    def loss_fn(params, x0, t, noise, dropout_key):
-        apply = lambda x_t, tt: model.apply({"params": params}, x_t, tt, train=True,
+    def loss_fn(params, x0, t, noise, labels, dropout_key):
+        apply = lambda x_t, tt: model.apply({"params": params}, x_t, tt, labels=labels, train=True,
                                             rngs={"dropout": dropout_key})
         loss, _ = objectives.diffusion_loss(apply, schedule, x0, None,
                                             parameterization=d.parameterization,
@@ -64,27 +79,32 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def batch_grads(params, images, key):
-        # t and noise are drawn for the whole batch, so accumulating micro-batches sees exactly
-        # the draws of one large batch (dropout masks aside).
-        noise_key, dropout_key = jax.random.split(key)
+    def batch_grads(params, images, labels, key):
+        # t, noise and withheld labels are drawn for the whole batch, so accumulating
+        # micro-batches sees exactly the draws of one large batch (dropout masks aside).
+        noise_key, dropout_key, label_key = jax.random.split(key, 3)
         t, noise = objectives.draw_t_and_noise(schedule, noise_key, images.shape,
                                                 sampling=d.timestep_sampling,
                                                 logit_mean=d.logit_mean, logit_std=d.logit_std)
+        if labels is not None and drop_prob > 0:
+            labels = guidance.drop_labels(labels, label_key, drop_prob)
         if accum == 1:
-            return grad_fn(params, images, t, noise, dropout_key)
+            return grad_fn(params, images, t, noise, labels, dropout_key)
         # Strided micro-batches (row i*accum + j goes to micro-batch j) keep every micro-batch
         # spread over all devices of the data axis instead of a contiguous block on a few.
         split = lambda a: a.reshape(a.shape[0] // accum, accum, *a.shape[1:]).swapaxes(0, 1)
         micro = [split(images), split(t), split(noise)]
+        if labels is not None:
+            micro.append(split(labels))
         if mesh is not None:
             micro = [jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, DATA_AXIS)))
                      for m in micro]
 
         def body(carry, xs):
             loss_sum, grad_sum = carry
-            j, x0, tj, nj = xs
-            loss, grads = grad_fn(params, x0, tj, nj, jax.random.fold_in(dropout_key, j))
+            j, x0, tj, nj, *lj = xs
+            loss, grads = grad_fn(params, x0, tj, nj, lj[0] if lj else None,
+                                  jax.random.fold_in(dropout_key, j))
             return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -94,7 +114,7 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
 
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = batch_grads(state.params, batch["image"], key)
+        loss, grads = batch_grads(state.params, batch["image"], batch.get("labels"), key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

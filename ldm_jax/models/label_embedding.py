@@ -1,0 +1,37 @@
+"""Integer labels -> one vector added to the U-Net's time embedding (ADM-style class conditioning).
+
+A model may be conditioned on several labels at once (the shapes dataset has ten: background,
+and colour, shape, size and position of each object). Each label has its own table; the rows
+picked are summed. Two values besides 0..size-1 are understood:
+  ABSENT  (-1) the attribute does not exist, e.g. the second object of a one-object image;
+  DROPPED (-2) the label is withheld: the unconditional model of classifier-free guidance.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ABSENT = -1
+DROPPED = -2
+_OFFSET = 2  # table row of value v is v + 2, so DROPPED -> 0 and ABSENT -> 1
+
+
+class LabelEmbedding(nn.Module):
+    sizes: Sequence[int]  # number of values of each label, in the column order of `labels`
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels):
+        if labels.ndim != 2 or labels.shape[1] != len(self.sizes):
+            raise ValueError(f"labels must have shape (batch, {len(self.sizes)}), got {labels.shape}")
+        # Unit-variance rows would sum to a vector len(sizes) times the time embedding's variance.
+        init = nn.initializers.normal(len(self.sizes) ** -0.5)
+        out = 0.0
+        for i, size in enumerate(self.sizes):
+            table = nn.Embed(size + _OFFSET, self.features, dtype=self.dtype,
+                             embedding_init=init, name=f"label{i}")
+            out = out + table(labels[:, i] + _OFFSET)
+        return out
