@@ -17,6 +17,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (default: DIR/samples/sample_seed{seed}.png).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw params instead of the EMA params.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Label-conditioned models: classifier-free "
+                               "guidance scale (default: the config's; 1 = none).")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "test"], "Label-conditioned models: "
+                           "sample with the labels of this split's first --num records.")
+_CAPTION = flags.DEFINE_string("caption", None, "Label-conditioned shapes models: draw every "
+                               "image from this caption, e.g. 'a large red circle in the center "
+                               "on a gray background'.")
 
 
 def main(argv):
@@ -30,7 +37,8 @@ def main(argv):
         path, seconds = generate.sample_from_workdir(
             _WORKDIR.value, num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value,
             eta=_ETA.value, seed=_SEED.value, out=_OUT.value, use_ema=not _RAW.value,
-            step=_STEP.value)
+            step=_STEP.value, guidance=_GUIDANCE.value, split=_SPLIT.value,
+            caption=_CAPTION.value)
     print(f"wrote {path} ({_NUM.value} images, {seconds:.1f}s)")
 
 

@@ -8,6 +8,7 @@ import jax
 
 from ldm_jax import config_utils, parallel, sampling
 from ldm_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, abstract_with_sharding
+from ldm_jax.data.conditioning import sampling_labels
 from ldm_jax.training import ddpm_stage
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
@@ -27,8 +28,14 @@ def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | No
 
 def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
                         sampler: str | None = None, eta: float | None = None, seed: int = 0,
-                        out: str | None = None, use_ema: bool = True, step: int | None = None):
-    """Write a grid of `num` samples; returns (path, seconds spent sampling)."""
+                        out: str | None = None, use_ema: bool = True, step: int | None = None,
+                        guidance: float | None = None, split: str = "train",
+                        caption: str | None = None):
+    """Write a grid of `num` samples; returns (path, seconds spent sampling).
+
+    A label-conditioned model samples with the labels of the first `num` records of `split`,
+    or with those `caption` describes, under classifier-free guidance `guidance` (default:
+    the config's); their captions go to a .txt beside the PNG."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run")
     config = config_utils.load_config(workdir)
@@ -38,6 +45,12 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
                                 "(checkpoints are written every training.checkpoint_every steps)")
     if sampler:
         config.sampling.sampler = sampler
+    if guidance is not None:
+        if not config.model.label_keys:
+            raise config_utils.ConfigError(f"--guidance={guidance}: this model is unconditional "
+                                           "(model.label_keys is empty); drop the flag")
+        config.sampling.guidance_scale = guidance
+        config_utils.validate(config)  # e.g. guidance for a model trained without dropped labels
     if num < 1:
         raise config_utils.ConfigError(f"--num={num}: ask for at least one image")
     if steps is not None and not 1 <= steps <= config.diffusion.num_timesteps:
@@ -46,14 +59,18 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     mesh = parallel.make_mesh()
     model, params, trained_steps = load_params(workdir, config, mesh, use_ema, step)
     schedule = ddpm_stage.build_schedule(config)
+    conditioning = sampling_labels(config, num, split, caption)
     sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
                                         config.diffusion.parameterization,
-                                        ddpm_stage.image_shape(config, num), mesh)
+                                        ddpm_stage.image_shape(config, num), mesh,
+                                        guided=ddpm_stage.is_guided(config))
     start = time.time()
     images = sampling.sample_images(sample_fn, params, seed,
                                     steps or config.sampling.num_steps,
-                                    config.sampling.eta if eta is None else eta)
+                                    config.sampling.eta if eta is None else eta,
+                                    conditioning and conditioning[0],
+                                    config.sampling.guidance_scale)
     images = jax.device_get(images)
     seconds = time.time() - start
     out = out or os.path.join(workdir, "samples", f"sample_step{trained_steps}_seed{seed}.png")
-    return save_grid(images, out), seconds
+    return save_grid(images, out, captions=conditioning and conditioning[1]), seconds

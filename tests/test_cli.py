@@ -27,6 +27,38 @@ def test_train_then_sample_writes_png(tmp_path, shapes_data_dir):
     with Image.open(out) as img:
         # 6 images -> 3 columns x 2 rows of 32px with 2px padding
         assert img.size == (2 + 3 * 34, 2 + 2 * 34) and img.mode == "RGB"
+    r = run(["sample.py", f"--workdir={workdir}", "--num=2", "--caption=a large red circle "
+             "in the center on a gray background"])
+    _one_line_error(r, "unconditional", "--caption")
+
+
+def test_conditional_train_then_sample_from_caption(tmp_path, shapes_data_dir):
+    workdir = str(tmp_path / "wd")
+    r = run(["train.py", "--config=configs/ddpm_shapes.py", f"--workdir={workdir}",
+             *tiny_cli_args(shapes_data_dir, **{"training.num_steps": 2,
+                                                "model.label_keys": ("background", "shape_0")})])
+    assert r.returncode == 0, r.stderr[-3000:]
+    caption = "a large red circle in the center on a gray background"
+    out = str(tmp_path / "grid.png")
+    r = run(["sample.py", f"--workdir={workdir}", "--num=4", "--steps=3", "--guidance=2.5",
+             f"--caption={caption}", f"--out={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with Image.open(out) as img:
+        assert img.size == (2 + 2 * 34, 2 + 2 * 34)
+    with open(str(tmp_path / "grid.txt")) as f:
+        assert f.read().splitlines() == [f"{row}, {col}: {caption}" for row in (1, 2)
+                                         for col in (1, 2)]
+    # Without a caption: the labels of the test split's first records, captioned beside the grid.
+    out = str(tmp_path / "test_split.png")
+    r = run(["sample.py", f"--workdir={workdir}", "--num=3", "--steps=2", "--split=test",
+             f"--out={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from ldm_jax.data import shapes
+    expected = [shapes.generate_example("test", i, 32)["caption"] for i in range(3)]
+    with open(str(tmp_path / "test_split.txt")) as f:
+        assert [line.split(": ", 1)[1] for line in f.read().splitlines()] == expected
+    r = run(["sample.py", f"--workdir={workdir}", "--caption=a huge red circle"])
+    _one_line_error(r, "not a shapes caption")
 
 
 def _one_line_error(r, *needles):
@@ -49,6 +81,8 @@ def _one_line_error(r, *needles):
     (["--config.diffusion.timestep_sampling=lognormal"],
      ["diffusion.timestep_sampling", "lognormal", "logit_normal"]),
     (["--config.diffusion.logit_std=0.0"], ["diffusion.logit_std", "positive"]),
+    (["--config.model.label_keys=('colour_0',)"], ["model.label_keys", "colour_0", "color_0"]),
+    (["--config.sampling.guidance_scale=3.0"], ["guidance_scale", "model.label_keys"]),
 ])
 def test_bad_train_input_is_one_line(tmp_path, args, needles):
     r = run(["train.py", "--config=configs/ddpm_shapes.py", f"--workdir={tmp_path}", *args])

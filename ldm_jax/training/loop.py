@@ -14,6 +14,7 @@ import numpy as np
 from ldm_jax import config_utils, parallel, sampling
 from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
 from ldm_jax.data import pipeline
+from ldm_jax.data.conditioning import sampling_labels
 from ldm_jax.models.unet import count_params
 from ldm_jax.training import ddpm_stage
 from ldm_jax.training.metrics_logger import MetricLogger
@@ -59,7 +60,8 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
     ckpt = Checkpointer(workdir, t.keep_checkpoints, t.async_checkpointing)
     source = _load_data(config)
     data_iter = pipeline.make_train_iterator(source, config.data, t.batch_size, config.seed,
-                                             jax.process_index(), jax.process_count())
+                                             jax.process_index(), jax.process_count(),
+                                             config.model.label_keys)
 
     start = time.time()
     latest = ckpt.latest_step()
@@ -114,13 +116,18 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
             if sample_fn is None:
                 shape = ddpm_stage.image_shape(config, t.num_samples)
                 sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
-                                                    config.diffusion.parameterization, shape, mesh)
+                                                    config.diffusion.parameterization, shape, mesh,
+                                                    guided=ddpm_stage.is_guided(config))
+                conditioning = sampling_labels(config, t.num_samples, source=source)
             params = state.ema_params if config.sampling.use_ema else state.params
             images = sampling.sample_images(sample_fn, params, config.seed, config.sampling.num_steps,
-                                            config.sampling.eta)
+                                            config.sampling.eta,
+                                            conditioning and conditioning[0],
+                                            config.sampling.guidance_scale)
             if is_main:
                 path = save_grid(jax.device_get(images),
-                                 os.path.join(workdir, "samples", f"step_{done:08d}.png"))
+                                 os.path.join(workdir, "samples", f"step_{done:08d}.png"),
+                                 captions=conditioning and conditioning[1])
                 logger.note(f"wrote {path}")
             logger.reset_timer(done)
     ckpt.close()

@@ -28,8 +28,17 @@ def make_grid(images: np.ndarray, padding: int = 2, pad_value: int = 255) -> np.
     return grid
 
 
-def save_grid(images, path: str) -> str:
-    """Save [-1, 1] float images as a PNG grid; returns the path."""
+def save_grid(images, path: str, captions=None) -> str:
+    """Save [-1, 1] float images as a PNG grid; returns the path.
+
+    With `captions` (one per image), also writes them beside the PNG as PATH.txt, one line
+    per image in grid reading order ("row, column: caption")."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(make_grid(to_uint8(images))).save(path)
+    if captions is not None:
+        cols = math.ceil(math.sqrt(len(captions)))
+        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+            for i, caption in enumerate(captions):
+                r, k = divmod(i, cols)
+                f.write(f"{r + 1}, {k + 1}: {caption}\n")
     return path
