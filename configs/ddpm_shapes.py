@@ -4,9 +4,13 @@ COMMAND: python train.py --config=configs/ddpm_shapes.py --workdir=workdirs/ddpm
 Measured on 2 AVX2 CPU cores: 1.1M-parameter U-Net, ~1.1 s/step (29 img/s), 600 steps in
 ~11 minutes, v-loss 0.75 -> 0.035. Samples then show the dataset's four background colours
 (gray, black, white, beige) with one or two single-coloured blobs where the shapes go; the
-outlines are not yet crisp, and 1200 steps did not make them so. Batch 16 for 1200 steps,
-lr 2e-3, x0-prediction and a 2.3x cheaper base-16 U-Net gave no better samples for the same
-time; 8 norm groups and a (1, 2, 4) channel multiplier had higher losses by step 200. Train
+outlines are not yet crisp. More training cleans the blobs but they stay mostly round: at
+1200 steps, and at 2400 (that run continued on a restarted cosine, ~40 minutes in all), the
+outlines were still not identifiable, although single denoising steps from SNR >= 16 keep a
+square's corners. Batch 16 for 1200 steps, lr 2e-3, x0-prediction and a 2.3x cheaper
+base-16 U-Net gave no better samples for the same time; 8 norm groups and a (1, 2, 4)
+channel multiplier had higher losses by step 200; conditioning on all ten labels
+(model.label_keys, guidance 3) followed the labels only loosely after 600 steps. Train
 longer with --config.training.num_steps=N.
 """
 from configs import ddpm_base
