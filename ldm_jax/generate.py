@@ -59,7 +59,7 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     mesh = parallel.make_mesh()
     model, params, trained_steps = load_params(workdir, config, mesh, use_ema, step)
     schedule = ddpm_stage.build_schedule(config)
-    conditioning = sampling_labels(config, num, split, caption)
+    labels, captions = sampling_labels(config, num, split, caption)
     sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
                                         config.diffusion.parameterization,
                                         ddpm_stage.image_shape(config, num), mesh,
@@ -68,9 +68,9 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     images = sampling.sample_images(sample_fn, params, seed,
                                     steps or config.sampling.num_steps,
                                     config.sampling.eta if eta is None else eta,
-                                    conditioning and conditioning[0],
+                                    labels,
                                     config.sampling.guidance_scale)
     images = jax.device_get(images)
     seconds = time.time() - start
     out = out or os.path.join(workdir, "samples", f"sample_step{trained_steps}_seed{seed}.png")
-    return save_grid(images, out, captions=conditioning and conditioning[1]), seconds
+    return save_grid(images, out, captions=captions), seconds

@@ -10,7 +10,7 @@ from ldm_jax.data import pipeline
 def sampling_labels(config, num: int, split: str = "train", caption: str | None = None,
                     source=None):
     """(labels (num, K) int32, captions) for a model conditioned on config.model.label_keys,
-    or None for an unconditional model.
+    or (None, None) for an unconditional model.
 
     Without `caption`, the labels of the first `num` records of `split` (`source` if given);
     with it (shapes dataset only), `num` copies of the labels that caption describes.
@@ -20,7 +20,7 @@ def sampling_labels(config, num: int, split: str = "train", caption: str | None 
         if caption is not None:
             raise ConfigError("this model is unconditional (model.label_keys is empty); "
                               "drop --caption")
-        return None
+        return None, None
     if caption is not None:
         if config.data.name != "shapes":
             raise ConfigError(f"--caption works for the shapes dataset only, not {config.data.name!r}")

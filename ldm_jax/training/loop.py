@@ -118,16 +118,16 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
                 sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
                                                     config.diffusion.parameterization, shape, mesh,
                                                     guided=ddpm_stage.is_guided(config))
-                conditioning = sampling_labels(config, t.num_samples, source=source)
+                labels, captions = sampling_labels(config, t.num_samples, source=source)
             params = state.ema_params if config.sampling.use_ema else state.params
             images = sampling.sample_images(sample_fn, params, config.seed, config.sampling.num_steps,
                                             config.sampling.eta,
-                                            conditioning and conditioning[0],
+                                            labels,
                                             config.sampling.guidance_scale)
             if is_main:
                 path = save_grid(jax.device_get(images),
                                  os.path.join(workdir, "samples", f"step_{done:08d}.png"),
-                                 captions=conditioning and conditioning[1])
+                                 captions=captions)
                 logger.note(f"wrote {path}")
             logger.reset_timer(done)
     ckpt.close()
