@@ -64,6 +64,8 @@ def get_config():
         num_samples=64,
         progress_bar=True,
         label_drop_prob=0.1,    # conditional models: fraction trained without labels (for guidance)
+        skip_nonfinite_steps=False,  # True: a step with a NaN/Inf loss leaves the weights as they
+                                     # were and is counted; False: the run stops at it
     )
     config.sampling = dict(
         sampler="ddim",         # ddim | ddpm

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import ml_collections
 
 CONFIG_FILE = "config.json"
+MAX_TIMESTEPS = 100_000  # diffusion.num_timesteps beyond this is a typo, not a schedule
 
 
 class ConfigError(ValueError):
@@ -52,7 +54,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if (config.model.base_channels * ch_mult) % config.model.norm_groups:
             raise ConfigError(f"model.base_channels * {ch_mult} is not divisible by "
                               f"model.norm_groups={config.model.norm_groups}")
+    _check_attention_heads(config.model, config.data.image_size)
     _check_labels(config)
+    _check_diffusion(config.diffusion)
+    _check_sampling(config.sampling, config.diffusion.num_timesteps)
+    _check_optimizer(config.optimizer)
+    _check_training(config.training)
+    if config.data.name == "shapes":
+        _at_least(config.data.num_train, 1, "data.num_train", "images to generate")
     t = config.training
     accum = config.optimizer.grad_accum_steps
     if accum < 1 or t.batch_size % accum:
@@ -62,6 +71,78 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"training.num_steps={t.num_steps} must be at least 1")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"training.ema_decay={t.ema_decay} must be in [0, 1)")
+
+
+def _at_least(value, minimum, field, what, alternative=""):
+    if value < minimum:
+        raise ConfigError(f"{field}={value}: {what} must be at least {minimum}; set "
+                          f"{field}={minimum} or more{alternative}")
+
+
+def _check_training(t) -> None:
+    _at_least(t.batch_size, 1, "training.batch_size", "images per step")
+    _at_least(t.log_every, 1, "training.log_every", "steps between log lines")
+    _at_least(t.checkpoint_every, 1, "training.checkpoint_every", "steps between checkpoints")
+    _at_least(t.keep_checkpoints, 1, "training.keep_checkpoints", "checkpoints kept")
+    if t.sample_every < 0:
+        raise ConfigError(f"training.sample_every={t.sample_every} is negative; set a number of "
+                          "steps between sample grids, or 0 to draw none")
+    if t.sample_every > 0:
+        _at_least(t.num_samples, 1, "training.num_samples", "images per sample grid",
+                  ", or training.sample_every=0 to draw none")
+
+
+def _check_diffusion(d) -> None:
+    if not 2 <= d.num_timesteps <= MAX_TIMESTEPS:
+        raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps} must be between 2 and "
+                          f"{MAX_TIMESTEPS}; 1000 is the usual choice")
+    if d.schedule == "cosine":
+        return  # the cosine schedule has no beta range
+    for field in ("beta_start", "beta_end"):
+        if not 0.0 < d[field] < 1.0:
+            raise ConfigError(f"diffusion.{field}={d[field]} must be in (0, 1) for the "
+                              f"{d.schedule} schedule (e.g. beta_start=1e-4, beta_end=0.02)")
+    if d.beta_start > d.beta_end:
+        raise ConfigError(f"diffusion.beta_start={d.beta_start} is above diffusion.beta_end="
+                          f"{d.beta_end}; noise must grow with t, so swap them")
+
+
+def _check_sampling(s, num_timesteps) -> None:
+    if not 1 <= s.num_steps <= num_timesteps:
+        raise ConfigError(f"sampling.num_steps={s.num_steps} must be between 1 and "
+                          f"diffusion.num_timesteps={num_timesteps}")
+    if not 0.0 <= s.eta <= 1.0:
+        raise ConfigError(f"sampling.eta={s.eta} must be in [0, 1] (0: deterministic DDIM, "
+                          "1: as noisy as DDPM)")
+
+
+def _check_optimizer(o) -> None:
+    if not o.lr > 0:  # also catches NaN
+        raise ConfigError(f"optimizer.lr={o.lr} must be positive (e.g. 1e-4)")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} is negative; "
+                          "set 0 for no warm-up")
+
+
+def _check_attention_heads(m, image_size) -> None:
+    """Each attention layer splits its channels into heads (layers.SelfAttentionBlock)."""
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim={m.head_dim} is negative; set channels per head, "
+                          "or 0 to use model.num_heads")
+    if not m.head_dim and m.num_heads < 1:
+        raise ConfigError(f"model.num_heads={m.num_heads}: attention needs at least one head; "
+                          "set model.num_heads=1 or more")
+    # Attention runs at the levels whose resolution is listed, and always in the middle block.
+    levels = [(image_size // 2 ** i, m.base_channels * mult) for i, mult in enumerate(m.channel_mult)]
+    used = [lv for lv in levels if lv[0] in m.attention_resolutions] + [levels[-1]]
+    field, value = ("model.head_dim", m.head_dim) if m.head_dim else ("model.num_heads", m.num_heads)
+    common = math.gcd(*(channels for _, channels in used))
+    for resolution, channels in used:
+        if channels % value:
+            divisors = [k for k in range(1, common + 1) if common % k == 0]
+            raise ConfigError(f"{field}={value} does not divide the {channels} channels of the "
+                              f"attention at {resolution}x{resolution}; set one of {divisors}"
+                              + (" or model.head_dim=0" if m.head_dim else ""))
 
 
 def _check_labels(config) -> None:
@@ -109,11 +190,26 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {CONFIG_FILE} in workdir {workdir!r}: is this the --workdir "
                                 "a train.py run wrote to?")
-    with open(path) as f:
-        saved = json.load(f)
-    # Fields added after a workdir was written take their defaults, which keep the old behaviour.
-    from configs import ddpm_base
-    return ml_collections.ConfigDict(_merge(ddpm_base.get_config().to_dict(), saved))
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(_corrupt_config(workdir, path, f"is not valid JSON ({e})")) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(_corrupt_config(workdir, path, f"holds a {type(saved).__name__}, "
+                                          "not a JSON object"))
+    return config_from_dict(saved)
+
+
+def _corrupt_config(workdir: str, path: str, what: str) -> str:
+    """The message for a damaged WORKDIR/config.json: where an intact copy is (every checkpoint
+    holds one, written by Checkpointer.save as the item "config")."""
+    from ldm_jax.checkpoint import CHECKPOINT_DIR
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else ())
+                   if d.isdigit() and os.path.isfile(os.path.join(ckpt_dir, d, "config", "metadata")))
+    copy = os.path.join(ckpt_dir, str(steps[-1]) if steps else "STEP", "config", "metadata")
+    return f"{path} {what}; restore it from the copy {copy}, or use another --workdir"
 
 
 def _merge(defaults: dict, saved: dict) -> dict:
@@ -122,3 +218,10 @@ def _merge(defaults: dict, saved: dict) -> dict:
         out[key] = (_merge(defaults[key], value)
                     if isinstance(value, dict) and isinstance(defaults.get(key), dict) else value)
     return out
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A stored config dict with the fields added since it was written set to their defaults,
+    which keep the old behaviour."""
+    from configs import ddpm_base
+    return ml_collections.ConfigDict(_merge(ddpm_base.get_config().to_dict(), saved))

@@ -7,16 +7,27 @@ mesh and to `state_sharding` for models too large to replicate).
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# A process that stops sending heartbeats for this long (killed, lost host) makes the
+# coordination service terminate every other process, instead of leaving them at a barrier.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 45
+_FAILED_KEY = "ldm_jax/failed/"
+
+
+class PeerFailedError(RuntimeError):
+    """Another process of the job reported a failure."""
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
-                           process_id: int = -1, local_device_count: int = 0) -> None:
+                           process_id: int = -1, local_device_count: int = 0,
+                           heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
     """Start jax.distributed from explicit flags, from the environment, or not at all.
 
     Explicit flags win. Otherwise JAX's own cluster detection is used when the environment
@@ -26,13 +37,13 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     if coordinator_address:
         if num_processes < 1 or process_id < 0:
             raise ValueError("--coordinator_address needs --num_processes and --process_id too")
-        kwargs = {}
+        kwargs = {"heartbeat_timeout_seconds": heartbeat_timeout_s}
         if local_device_count:
             kwargs["local_device_ids"] = list(range(local_device_count))
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id, **kwargs)
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LDM_JAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -65,14 +76,65 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
             for k, v in local_batch.items()}
 
 
-def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
-    """Barrier through the coordination service, not through a collective.
+def _client():
+    from jax._src import distributed  # the client jax.distributed.initialize created
+    return distributed.global_state.client
+
+
+def local_device_count(mesh: Mesh) -> int:
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def global_flags(local_flags: np.ndarray, mesh: Mesh) -> jax.Array:
+    """One value per device (this process supplies its own devices' values), sharded on `data`."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_flags)
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800, poll_s: float = 0.5) -> None:
+    """Barrier through the coordination service's key-value store, not through a collective.
 
     Gloo (CPU) sets up its context at the first collective and gives up when the other
     processes arrive more than 30 s later, e.g. while one is still compiling. Meeting here
-    first puts every process at that collective together. No-op in a single process.
+    first puts every process at that collective together. While waiting, a failure reported
+    by another process (`report_failure`) ends this one at once with that process's message.
+    No-op in a single process.
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the client jax.distributed.initialize created
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+    client = _client()
+    prefix = f"ldm_jax/barrier/{name}/"
+    client.key_value_set(prefix + str(jax.process_index()), "arrived", allow_overwrite=True)
+    deadline = time.time() + timeout_s
+    while True:
+        failures = client.key_value_dir_get(_FAILED_KEY)
+        if failures:
+            key, message = sorted(failures)[0]
+            raise PeerFailedError(f"process {key.rsplit('/', 1)[-1]} of the job failed "
+                                  f"({message}); see its log")
+        if len(client.key_value_dir_get(prefix)) == jax.process_count():
+            return
+        if time.time() > deadline:
+            raise PeerFailedError(f"processes did not all reach '{name}' within {timeout_s} s")
+        time.sleep(poll_s)
+
+
+def report_failure(message: str) -> None:
+    """Tell the other processes (waiting in `wait_for_all_processes`) that this one failed."""
+    if jax.process_count() == 1:
+        return
+    try:
+        _client().key_value_set(_FAILED_KEY + str(jax.process_index()), message[:500],
+                                allow_overwrite=True)
+    except Exception:  # the service may be gone already; the heartbeat timeout covers that
+        pass
+
+
+def exit_without_shutdown(code: int) -> None:
+    """End a failed process of a multi-process job now.
+
+    A normal exit runs jax.distributed's shutdown barrier, which waits minutes for processes
+    that are not coming; the others learn of the failure from `report_failure` or heartbeats.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

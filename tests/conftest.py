@@ -77,3 +77,39 @@ def tiny_cli_args(data_dir: str, **overrides) -> list:
     def render(v):
         return str(v).replace(" ", "") if isinstance(v, tuple) else str(v)
     return [f"--config.{k}={render(v)}" for k, v in _tiny_items(data_dir, overrides).items()]
+
+
+def abstract_params(config):
+    """ShapeDtypeStructs of the config's U-Net params, replicated on all devices (for restores)."""
+    from ldm_jax import parallel
+    from ldm_jax.training import ddpm_stage
+    from ldm_jax.training.optimizer import make_optimizer
+    model = ddpm_stage.build_model(config)
+    tx, _ = make_optimizer(config.optimizer, config.training.num_steps)
+    abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, tx, k),
+                              jax.random.PRNGKey(0)).params
+    sharding = parallel.replicated(parallel.make_mesh())
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+def tensorboard_steps(logdir, tag):
+    """The steps of `tag` TensorBoard shows: in file order, a session START event at step S
+    hides the earlier events of steps >= S (how a restarted run supersedes its old records)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for name in sorted(os.listdir(logdir)):  # event file names start with their creation time
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):  # TFRecord frames: length, crc, payload, crc
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                steps = [s for s in steps if s < event.step]
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps

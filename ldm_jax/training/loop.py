@@ -16,9 +16,11 @@ from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
 from ldm_jax.data import pipeline
 from ldm_jax.data.conditioning import sampling_labels
 from ldm_jax.models.unet import count_params
-from ldm_jax.training import ddpm_stage
+from ldm_jax.training import ddpm_stage, resume_check
 from ldm_jax.training.metrics_logger import MetricLogger
 from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.training.preemption import StopRequest
+from ldm_jax.training.step_guard import StepWatch, TrainingDivergedError, guard_step
 from ldm_jax.utils.image_grid import save_grid
 from ldm_jax.utils.memory import release_freed_heap
 
@@ -34,11 +36,33 @@ def _load_data(config):
     return source
 
 
-def train(config, workdir: str, devices=None, stop_at: int | None = None) -> list[dict]:
+def _check_resume(ckpt, step: int, config, allow_changes) -> list[str]:
+    """Notes on the config changes since checkpoint `step`; ConfigError for unmeant ones."""
+    stored = config_utils.config_from_dict(ckpt.stored_config(step))
+    notes = resume_check.check_resume(stored.to_dict(), config.to_dict(), step, allow_changes)
+    note = resume_check.num_steps_note(stored, config, step)
+    return notes + ([note] if note else [])
+
+
+def _restore(ckpt, abstract, state_sharding, step, changed: bool):
+    try:
+        return ckpt.restore(abstract_with_sharding(abstract, state_sharding), step)
+    except (ValueError, KeyError, TypeError) as e:
+        if not changed:
+            raise
+        raise config_utils.ConfigError(
+            f"the checkpoint at step {step} does not fit the changed config "
+            f"({str(e).splitlines()[0][:160]}); these changes need a new --workdir") from None
+
+
+def train(config, workdir: str, devices=None, stop_at: int | None = None,
+          allow_changes=()) -> list[dict]:
     """Train (or resume) in `workdir`; returns the metrics logged by this run.
 
     `devices` restricts the mesh (default: all devices of all processes); `stop_at` ends the run
-    after that step as if the job had been pre-empted (checkpointing there first).
+    after that step as if the job had been pre-empted (checkpointing there first);
+    `allow_changes` names config fields that may differ from the checkpoint being resumed.
+    SIGTERM or SIGINT stop the run the same way at a step all processes agree on.
     """
     config_utils.validate(config)
     t = config.training
@@ -46,8 +70,10 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
     is_main = jax.process_index() == 0
     config_utils.check_batch_divides(t.batch_size, mesh.devices.size, jax.process_count(),
                                      config.optimizer.grad_accum_steps)
-    if is_main:
-        config_utils.save_config(config, workdir)
+    ckpt = Checkpointer(workdir, t.keep_checkpoints, t.async_checkpointing)
+    latest = ckpt.latest_step()
+    # Nothing in the workdir changes before this check has passed.
+    resume_notes = [] if latest is None else _check_resume(ckpt, latest, config, allow_changes)
 
     model = ddpm_stage.build_model(config)
     schedule = ddpm_stage.build_schedule(config)
@@ -57,79 +83,129 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None) -> lis
     init = lambda key: ddpm_stage.init_state(config, model, tx, key)
     abstract = jax.eval_shape(init, rng)
     state_sharding = parallel.state_sharding(mesh, abstract)
-    ckpt = Checkpointer(workdir, t.keep_checkpoints, t.async_checkpointing)
     source = _load_data(config)
     data_iter = pipeline.make_train_iterator(source, config.data, t.batch_size, config.seed,
                                              jax.process_index(), jax.process_count(),
                                              config.model.label_keys)
 
     start = time.time()
-    latest = ckpt.latest_step()
+    counters = {}
     if latest is None:
         state = jax.jit(init, out_shardings=state_sharding)(rng)
         origin = "initialised"
     else:
-        state, data_state = ckpt.restore(abstract_with_sharding(abstract, state_sharding), latest)
+        state, data_state = _restore(ckpt, abstract, state_sharding, latest,
+                                     changed=bool(resume_notes))
         data_iter.set_state(data_state)
+        counters = ckpt.counters(latest)
         origin = f"resumed from step {latest}"
+    if is_main:
+        config_utils.save_config(config, workdir)
     first_step = int(jax.device_get(state.step))
 
     logger = MetricLogger(workdir, t.num_steps, first_step, t.batch_size, is_main, t.progress_bar)
     logger.note(f"U-Net: {count_params(abstract.params):,} parameters; {origin} in "
                 f"{time.time() - start:.1f}s; {mesh.devices.size} devices, {jax.process_count()} "
                 f"process(es), global batch {t.batch_size}")
+    for note in resume_notes:
+        logger.note(note)
+    if first_step >= t.num_steps:
+        logger.note(f"already trained to step {first_step} (training.num_steps={t.num_steps}); "
+                    "raise --config.training.num_steps to train further")
+    try:
+        history = _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state,
+                             state_sharding, data_iter, source, ckpt, logger, first_step,
+                             stop_at, counters)
+    except TrainingDivergedError as e:
+        ckpt.wait()  # let a save of an earlier, finite state finish
+        last = ckpt.latest_step()
+        kept = (f"the last checkpoint, step {last} in {ckpt.directory}, is intact" if last
+                else "no checkpoint was written")
+        raise TrainingDivergedError(
+            f"{e}; stopped: {kept}. Lower optimizer.lr or compute in float32, or set "
+            "training.skip_nonfinite_steps=True to skip such steps") from None
+    finally:
+        logger.close()
+    ckpt.close()
+    return history
 
-    step_fn = jax.jit(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
-                      in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-                      out_shardings=(state_sharding, parallel.replicated(mesh)),
+
+def _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state, state_sharding,
+               data_iter, source, ckpt, logger, first_step, stop_at, counters) -> list[dict]:
+    t = config.training
+    is_main = jax.process_index() == 0
+    guarded = guard_step(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
+                         t.skip_nonfinite_steps)
+    step_fn = jax.jit(guarded,
+                      in_shardings=(state_sharding, parallel.batch_sharding(mesh),
+                                    parallel.batch_sharding(mesh)),
+                      out_shardings=(state_sharding, parallel.replicated(mesh),
+                                     parallel.replicated(mesh)),
                       donate_argnums=(0,))
+    watch = StepWatch(t.skip_nonfinite_steps, counters.get("nonfinite_skipped", 0), logger.note)
+    n_local = parallel.local_device_count(mesh)
+    start = time.time()
     sample_fn = None
     history, pending = [], []
     last_step = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
-    for step in range(first_step, last_step):
-        batch = parallel.global_batch(next(data_iter), mesh)
-        if step == first_step:
-            # Compile ahead, then start the first step on every process at once.
-            step_fn = step_fn.lower(state, batch).compile()
-            parallel.wait_for_all_processes("train_step_compiled")
-        state, metrics = step_fn(state, batch)
-        if pending:
+    with StopRequest() as stop_request:
+        for step in range(first_step, last_step):
+            batch = parallel.global_batch(next(data_iter), mesh)
+            flags = parallel.global_flags(stop_request.local_flags(n_local), mesh)
+            if step == first_step:
+                # Compile ahead, then start the first step on every process at once.
+                step_fn = step_fn.lower(state, batch, flags).compile()
+                parallel.wait_for_all_processes("train_step_compiled")
+            state, metrics, controls = step_fn(state, batch, flags)
+            watch.push(step + 1, metrics, controls)
             # At most one step in flight: the bar counts finished steps, and the host does
             # not queue up batches and buffers ahead of the device.
-            jax.block_until_ready(pending[-1])
-        pending.append(metrics)
-        logger.advance()
-        done = step + 1
-        if step == first_step:
-            jax.block_until_ready(metrics)
-            release_freed_heap()
-            logger.note(f"first step (with compilation) took {time.time() - start:.1f}s since start-up")
-            logger.reset_timer(done)
-        if pending and (done % t.log_every == 0 or done == t.num_steps):
-            # One host transfer per interval; per-step values are averaged for the log line.
-            mean = {k: np.mean([float(m[k]) for m in pending]) for k in pending[0]}
-            history.append({"step": done, **logger.log(done, mean)})
-            pending = []
-        if done % t.checkpoint_every == 0 or done == last_step:
-            ckpt.save(done, state, data_iter.get_state(), config.to_dict())
-        if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
-            if sample_fn is None:
-                shape = ddpm_stage.image_shape(config, t.num_samples)
-                sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
-                                                    config.diffusion.parameterization, shape, mesh,
-                                                    guided=ddpm_stage.is_guided(config))
-                labels, captions = sampling_labels(config, t.num_samples, source=source)
-            params = state.ema_params if config.sampling.use_ema else state.params
-            images = sampling.sample_images(sample_fn, params, config.seed, config.sampling.num_steps,
-                                            config.sampling.eta,
-                                            labels,
-                                            config.sampling.guidance_scale)
-            if is_main:
-                path = save_grid(jax.device_get(images),
-                                 os.path.join(workdir, "samples", f"step_{done:08d}.png"),
-                                 captions=captions)
-                logger.note(f"wrote {path}")
-            logger.reset_timer(done)
-    ckpt.close()
-    logger.close()
+            pending += watch.settle(keep_newest=True)
+            logger.advance()
+            done = step + 1
+            if step == first_step:
+                jax.block_until_ready(metrics)
+                release_freed_heap()
+                logger.note(f"first step (with compilation) took {time.time() - start:.1f}s")
+                logger.reset_timer(done)
+            log_due = done % t.log_every == 0 or done == t.num_steps
+            save_due = done % t.checkpoint_every == 0 or done == last_step
+            if log_due or save_due or watch.stop_requested:
+                pending += watch.settle()  # before a save: never checkpoint a diverged state
+            stopping = watch.stop_requested and done < last_step
+            if pending and (log_due or stopping):
+                # One host transfer per interval; per-step values are averaged for the log line.
+                finite = [jax.device_get(m) for _, m, ok in pending if ok]
+                if finite:
+                    mean = {k: np.mean([float(m[k]) for m in finite]) for k in finite[0]}
+                    if t.skip_nonfinite_steps:
+                        mean["nonfinite_skipped"] = watch.skipped
+                    history.append({"step": done, **logger.log(done, mean)})
+                pending = []
+            if save_due or stopping:
+                ckpt.save(done, state, data_iter.get_state(), config.to_dict(),
+                          {"nonfinite_skipped": watch.skipped})
+            if stopping:
+                ckpt.wait()
+                logger.note(f"stopped at step {done} on {stop_request.signal_name or 'request'} "
+                            f"of a process: checkpoint saved in {ckpt.directory}; run the same "
+                            "command again to continue")
+                break
+            if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
+                if sample_fn is None:
+                    shape = ddpm_stage.image_shape(config, t.num_samples)
+                    sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
+                                                        config.diffusion.parameterization, shape,
+                                                        mesh, guided=ddpm_stage.is_guided(config))
+                    labels, captions = sampling_labels(config, t.num_samples, source=source)
+                params = state.ema_params if config.sampling.use_ema else state.params
+                images = sampling.sample_images(sample_fn, params, config.seed,
+                                                config.sampling.num_steps, config.sampling.eta,
+                                                labels, config.sampling.guidance_scale)
+                if is_main:
+                    path = save_grid(jax.device_get(images),
+                                     os.path.join(workdir, "samples", f"step_{done:08d}.png"),
+                                     captions=captions)
+                    logger.note(f"wrote {path}")
+                logger.reset_timer(done)
     return history

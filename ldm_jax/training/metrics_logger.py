@@ -1,5 +1,10 @@
 """Metrics a person can read: a tqdm bar, one stdout line per log interval, TensorBoard events
-(through tensorboardX, which needs no TensorFlow) and a metrics.jsonl for scripts."""
+(through tensorboardX, which needs no TensorFlow) and a metrics.jsonl for scripts.
+
+A resumed run logs each step once: records past the restored step (written after that
+checkpoint by the run that was stopped) are dropped from metrics.jsonl, and TensorBoard is told
+to purge its own from the new event file on.
+"""
 from __future__ import annotations
 
 import json
@@ -21,8 +26,13 @@ class MetricLogger:
         if not is_main:
             return
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        resumed = start_step > 0
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                    purge_step=start_step + 1 if resumed else None)
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resumed:
+            drop_records_after(path, start_step)
+        self.jsonl = open(path, "a")
         if progress_bar:
             self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
@@ -72,3 +82,24 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.close()
             self.jsonl.close()
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= `step` in a metrics.jsonl (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut off by a kill mid-write
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
