@@ -15,7 +15,8 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (defaul
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (default: DIR/samples/sample_seed{seed}.png).")
-_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw params instead of the EMA params.")
+_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw params even where the config's "
+                         "sampling.use_ema asks for the EMA params.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Label-conditioned models: classifier-free "
                                "guidance scale (default: the config's; 1 = none).")
@@ -36,7 +37,7 @@ def main(argv):
     with cli.readable_errors():
         path, seconds = generate.sample_from_workdir(
             _WORKDIR.value, num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value,
-            eta=_ETA.value, seed=_SEED.value, out=_OUT.value, use_ema=not _RAW.value,
+            eta=_ETA.value, seed=_SEED.value, out=_OUT.value, use_ema=False if _RAW.value else None,
             step=_STEP.value, guidance=_GUIDANCE.value, split=_SPLIT.value,
             caption=_CAPTION.value)
     print(f"wrote {path} ({_NUM.value} images, {seconds:.1f}s)")

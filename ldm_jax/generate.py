@@ -5,30 +5,38 @@ import os
 import time
 
 import jax
+import optax
 
 from ldm_jax import config_utils, parallel, sampling
 from ldm_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, abstract_with_sharding
 from ldm_jax.data.conditioning import sampling_labels
 from ldm_jax.training import ddpm_stage
-from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
+
+_NO_OPTIMIZER = optax.identity()  # only the params' shapes are wanted
 
 
 def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | None = None):
-    """The (EMA) params of checkpoint `step` (default latest) of `workdir`, replicated on `mesh`."""
+    """The EMA (or raw) params of checkpoint `step` (default latest) of `workdir`, replicated on
+    `mesh`; only those are read, not the other params or the optimiser state."""
     model = ddpm_stage.build_model(config)
-    tx, _ = make_optimizer(config.optimizer, config.training.num_steps)
-    abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, tx, k),
-                              jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, _NO_OPTIMIZER, k),
+                              jax.random.PRNGKey(0)).params
+    abstract = abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract))
     ckpt = Checkpointer(workdir, async_save=False)
-    state, _ = ckpt.restore(abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract)), step)
+    step = ckpt.latest_step() if step is None else step
+    available = ckpt.manager.all_steps()
+    if step not in available:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; "
+                                f"choose --step from {sorted(available)}")
+    params = ckpt.restore_subtree("ema_params" if use_ema else "params", abstract, step)
     ckpt.close()
-    return model, (state.ema_params if use_ema else state.params), int(state.step)
+    return model, params, step
 
 
 def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
                         sampler: str | None = None, eta: float | None = None, seed: int = 0,
-                        out: str | None = None, use_ema: bool = True, step: int | None = None,
+                        out: str | None = None, use_ema: bool | None = None, step: int | None = None,
                         guidance: float | None = None, split: str = "train",
                         caption: str | None = None):
     """Write a grid of `num` samples; returns (path, seconds spent sampling).
@@ -36,6 +44,9 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     A label-conditioned model samples with the labels of the first `num` records of `split`,
     or with those `caption` describes, under classifier-free guidance `guidance` (default:
     the config's); their captions go to a .txt beside the PNG."""
+    if out is not None:
+        from ldm_jax.utils.image_grid import check_output_path
+        check_output_path(out)  # a bad --out fails now, not after loading and sampling
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run")
     config = config_utils.load_config(workdir)
@@ -57,6 +68,7 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
         raise config_utils.ConfigError(f"--steps={steps} must be between 1 and "
                                        f"{config.diffusion.num_timesteps} (the training timesteps)")
     mesh = parallel.make_mesh()
+    use_ema = config.sampling.use_ema if use_ema is None else use_ema
     model, params, trained_steps = load_params(workdir, config, mesh, use_ema, step)
     schedule = ddpm_stage.build_schedule(config)
     labels, captions = sampling_labels(config, num, split, caption)
