@@ -62,8 +62,14 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None,
     `devices` restricts the mesh (default: all devices of all processes); `stop_at` ends the run
     after that step as if the job had been pre-empted (checkpointing there first);
     `allow_changes` names config fields that may differ from the checkpoint being resumed.
-    SIGTERM or SIGINT stop the run the same way at a step all processes agree on.
+    SIGTERM or SIGINT, from start-up to the last save, stop the run the same way at a step all
+    processes agree on.
     """
+    with StopRequest() as stop_request:
+        return _train(config, workdir, devices, stop_at, allow_changes, stop_request)
+
+
+def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> list[dict]:
     config_utils.validate(config)
     t = config.training
     mesh = parallel.make_mesh(devices)
@@ -115,7 +121,7 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None,
     try:
         history = _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state,
                              state_sharding, data_iter, source, ckpt, logger, first_step,
-                             stop_at, counters)
+                             stop_at, counters, stop_request)
     except TrainingDivergedError as e:
         ckpt.wait()  # let a save of an earlier, finite state finish
         last = ckpt.latest_step()
@@ -131,7 +137,8 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None,
 
 
 def _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state, state_sharding,
-               data_iter, source, ckpt, logger, first_step, stop_at, counters) -> list[dict]:
+               data_iter, source, ckpt, logger, first_step, stop_at, counters,
+               stop_request) -> list[dict]:
     t = config.training
     is_main = jax.process_index() == 0
     guarded = guard_step(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
@@ -148,64 +155,64 @@ def _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state, state_s
     sample_fn = None
     history, pending = [], []
     last_step = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
-    with StopRequest() as stop_request:
-        for step in range(first_step, last_step):
-            batch = parallel.global_batch(next(data_iter), mesh)
-            flags = parallel.global_flags(stop_request.local_flags(n_local), mesh)
-            if step == first_step:
-                # Compile ahead, then start the first step on every process at once.
-                step_fn = step_fn.lower(state, batch, flags).compile()
-                parallel.wait_for_all_processes("train_step_compiled")
-            state, metrics, controls = step_fn(state, batch, flags)
-            watch.push(step + 1, metrics, controls)
-            # At most one step in flight: the bar counts finished steps, and the host does
-            # not queue up batches and buffers ahead of the device.
-            pending += watch.settle(keep_newest=True)
-            logger.advance()
-            done = step + 1
-            if step == first_step:
-                jax.block_until_ready(metrics)
-                release_freed_heap()
-                logger.note(f"first step (with compilation) took {time.time() - start:.1f}s")
-                logger.reset_timer(done)
-            log_due = done % t.log_every == 0 or done == t.num_steps
-            save_due = done % t.checkpoint_every == 0 or done == last_step
-            if log_due or save_due or watch.stop_requested:
-                pending += watch.settle()  # before a save: never checkpoint a diverged state
-            stopping = watch.stop_requested and done < last_step
-            if pending and (log_due or stopping):
-                # One host transfer per interval; per-step values are averaged for the log line.
-                finite = [jax.device_get(m) for _, m, ok in pending if ok]
-                if finite:
-                    mean = {k: np.mean([float(m[k]) for m in finite]) for k in finite[0]}
-                    if t.skip_nonfinite_steps:
-                        mean["nonfinite_skipped"] = watch.skipped
-                    history.append({"step": done, **logger.log(done, mean)})
-                pending = []
-            if save_due or stopping:
-                ckpt.save(done, state, data_iter.get_state(), config.to_dict(),
-                          {"nonfinite_skipped": watch.skipped})
-            if stopping:
-                ckpt.wait()
-                logger.note(f"stopped at step {done} on {stop_request.signal_name or 'request'} "
-                            f"of a process: checkpoint saved in {ckpt.directory}; run the same "
-                            "command again to continue")
-                break
-            if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
-                if sample_fn is None:
-                    shape = ddpm_stage.image_shape(config, t.num_samples)
-                    sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
-                                                        config.diffusion.parameterization, shape,
-                                                        mesh, guided=ddpm_stage.is_guided(config))
-                    labels, captions = sampling_labels(config, t.num_samples, source=source)
-                params = state.ema_params if config.sampling.use_ema else state.params
-                images = sampling.sample_images(sample_fn, params, config.seed,
-                                                config.sampling.num_steps, config.sampling.eta,
-                                                labels, config.sampling.guidance_scale)
-                if is_main:
-                    path = save_grid(jax.device_get(images),
-                                     os.path.join(workdir, "samples", f"step_{done:08d}.png"),
-                                     captions=captions)
-                    logger.note(f"wrote {path}")
-                logger.reset_timer(done)
+    for step in range(first_step, last_step):
+        batch = parallel.global_batch(next(data_iter), mesh)
+        flags = parallel.global_flags(stop_request.local_flags(n_local), mesh)
+        if step == first_step:
+            # Compile ahead, then start the first step on every process at once.
+            step_fn = step_fn.lower(state, batch, flags).compile()
+            parallel.wait_for_all_processes("train_step_compiled")
+        state, metrics, controls = step_fn(state, batch, flags)
+        watch.push(step + 1, metrics, controls)
+        # At most one step in flight: the bar counts finished steps, and the host does
+        # not queue up batches and buffers ahead of the device.
+        pending += watch.settle(keep_newest=True)
+        logger.advance()
+        done = step + 1
+        if step == first_step:
+            jax.block_until_ready(metrics)
+            release_freed_heap()
+            logger.note(f"first step (with compilation) took {time.time() - start:.1f}s")
+            logger.reset_timer(done)
+        log_due = done % t.log_every == 0 or done == t.num_steps
+        save_due = done % t.checkpoint_every == 0 or done == last_step
+        if log_due or save_due or watch.stop_requested:
+            pending += watch.settle()  # before a save: never checkpoint a diverged state
+        stopping = watch.stop_requested and done < last_step
+        if pending and (log_due or stopping):
+            # One host transfer per interval; per-step values are averaged for the log line.
+            finite = [jax.device_get(m) for _, m, ok in pending if ok]
+            if finite:
+                mean = {k: np.mean([float(m[k]) for m in finite]) for k in finite[0]}
+                if t.skip_nonfinite_steps:
+                    mean["nonfinite_skipped"] = watch.skipped
+                history.append({"step": done, **logger.log(done, mean)})
+            pending = []
+        if save_due or stopping:
+            ckpt.save(done, state, data_iter.get_state(), config.to_dict(),
+                      {"nonfinite_skipped": watch.skipped})
+        if stopping:
+            ckpt.wait()
+            cause = (f"{stop_request.signal_name} received" if stop_request.signal_name
+                     else "another process was signalled")
+            logger.note(f"stopped at step {done} ({cause}): checkpoint saved in "
+                        f"{ckpt.directory}; run the same command again to continue")
+            break
+        if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
+            if sample_fn is None:
+                shape = ddpm_stage.image_shape(config, t.num_samples)
+                sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
+                                                    config.diffusion.parameterization, shape,
+                                                    mesh, guided=ddpm_stage.is_guided(config))
+                labels, captions = sampling_labels(config, t.num_samples, source=source)
+            params = state.ema_params if config.sampling.use_ema else state.params
+            images = sampling.sample_images(sample_fn, params, config.seed,
+                                            config.sampling.num_steps, config.sampling.eta,
+                                            labels, config.sampling.guidance_scale)
+            if is_main:
+                path = save_grid(jax.device_get(images),
+                                 os.path.join(workdir, "samples", f"step_{done:08d}.png"),
+                                 captions=captions)
+                logger.note(f"wrote {path}")
+            logger.reset_timer(done)
     return history
