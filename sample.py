@@ -1,6 +1,10 @@
 """Sample from the latest checkpoint of a training workdir and write a PNG grid.
 
 python sample.py --workdir=DIR --num=16 --steps=50 --sampler=ddim --seed=0 --out=samples.png
+python sample.py --workdir=AUTOENCODER_DIR --reconstruct --num=16 --split=validation
+
+What it does depends on the workdir's stage: diffusion stages draw new images, an autoencoder
+reconstructs held-out images (input | reconstruction pairs) and prints PSNR/SSIM.
 """
 import sys
 
@@ -20,8 +24,12 @@ _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw params even where the
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Label-conditioned models: classifier-free "
                                "guidance scale (default: the config's; 1 = none).")
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "test"], "Label-conditioned models: "
-                           "sample with the labels of this split's first --num records.")
+_SPLIT = flags.DEFINE_enum("split", "train", ["train", "test", "validation"],
+                           "Label-conditioned models: sample with the labels of this split's "
+                           "first --num records; --reconstruct: the images to reconstruct. "
+                           "'validation' is the held-out split ('test' for shapes and CIFAR-10).")
+_RECONSTRUCT = flags.DEFINE_bool("reconstruct", False, "Autoencoder workdirs: reconstruct --num "
+                                 "images of --split and report PSNR/SSIM.")
 _CAPTION = flags.DEFINE_string("caption", None, "Label-conditioned shapes models: draw every "
                                "image from this caption, e.g. 'a large red circle in the center "
                                "on a gray background'.")
@@ -33,15 +41,16 @@ def main(argv):
     if not _WORKDIR.value:
         cli.fail("--workdir=DIR is required (the directory train.py wrote)")
     cli.enable_compilation_cache()
-    from ldm_jax import generate
+    from ldm_jax import config_utils
+    options = {"num": _NUM.value, "steps": _STEPS.value, "sampler": _SAMPLER.value,
+               "eta": _ETA.value, "seed": _SEED.value, "out": _OUT.value,
+               "raw_params": _RAW.value, "step": _STEP.value, "guidance": _GUIDANCE.value,
+               "split": _SPLIT.value, "caption": _CAPTION.value,
+               "reconstruct": _RECONSTRUCT.value}
     with cli.readable_errors():
-        path, seconds = generate.sample_from_workdir(
-            _WORKDIR.value, num=_NUM.value, steps=_STEPS.value, sampler=_SAMPLER.value,
-            eta=_ETA.value, seed=_SEED.value, out=_OUT.value, use_ema=False if _RAW.value else None,
-            step=_STEP.value, guidance=_GUIDANCE.value, split=_SPLIT.value,
-            caption=_CAPTION.value)
-    print(f"wrote {path} ({_NUM.value} images, {seconds:.1f}s)")
-
+        config = config_utils.load_config(_WORKDIR.value)
+        line = config_utils.stage_module(config.stage).sample(_WORKDIR.value, config, options)
+    print(line)
 
 if __name__ == "__main__":
     sys.exit(cli.run(main))

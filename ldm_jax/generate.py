@@ -9,6 +9,7 @@ import optax
 
 from ldm_jax import config_utils, parallel, sampling
 from ldm_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, abstract_with_sharding
+from ldm_jax.data import pipeline
 from ldm_jax.data.conditioning import sampling_labels
 from ldm_jax.training import ddpm_stage
 from ldm_jax.utils.image_grid import save_grid
@@ -71,7 +72,8 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     use_ema = config.sampling.use_ema if use_ema is None else use_ema
     model, params, trained_steps = load_params(workdir, config, mesh, use_ema, step)
     schedule = ddpm_stage.build_schedule(config)
-    labels, captions = sampling_labels(config, num, split, caption)
+    labels, captions = sampling_labels(config, num, pipeline.split_name(config.data, split),
+                                       caption)
     sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
                                         config.diffusion.parameterization,
                                         ddpm_stage.image_shape(config, num), mesh,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_jax.config_utils import ConfigError
+from ldm_jax.config_checks import ConfigError
 from ldm_jax.data import pipeline
 
 

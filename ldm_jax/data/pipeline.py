@@ -40,6 +40,12 @@ def load_source(data_config, split: str = "train", prepare: bool = True):
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
+def split_name(data_config, split: str) -> str:
+    """The dataset's own name for `split`: 'validation' is the held-out split, which the
+    shapes dataset and CIFAR-10 call 'test'."""
+    return "test" if split == "validation" and data_config.name in ("shapes", "cifar10") else split
+
+
 def label_sizes(data_config) -> dict:
     """Label name -> number of values, for the labels `data_config.name` provides."""
     if data_config.name == "shapes":

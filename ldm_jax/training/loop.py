@@ -11,17 +11,13 @@ import time
 import jax
 import numpy as np
 
-from ldm_jax import config_utils, parallel, sampling
+from ldm_jax import config_utils, parallel
 from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
 from ldm_jax.data import pipeline
-from ldm_jax.data.conditioning import sampling_labels
-from ldm_jax.models.unet import count_params
-from ldm_jax.training import ddpm_stage, resume_check
+from ldm_jax.training import resume_check
 from ldm_jax.training.metrics_logger import MetricLogger
-from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.preemption import StopRequest
 from ldm_jax.training.step_guard import StepWatch, TrainingDivergedError, guard_step
-from ldm_jax.utils.image_grid import save_grid
 from ldm_jax.utils.memory import release_freed_heap
 
 
@@ -70,7 +66,8 @@ def train(config, workdir: str, devices=None, stop_at: int | None = None,
 
 
 def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> list[dict]:
-    config_utils.validate(config)
+    stage = config_utils.stage_module(config.stage)
+    stage.validate(config)
     t = config.training
     mesh = parallel.make_mesh(devices)
     is_main = jax.process_index() == 0
@@ -81,23 +78,19 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     # Nothing in the workdir changes before this check has passed.
     resume_notes = [] if latest is None else _check_resume(ckpt, latest, config, allow_changes)
 
-    model = ddpm_stage.build_model(config)
-    schedule = ddpm_stage.build_schedule(config)
-    tx, lr_fn = make_optimizer(config.optimizer, t.num_steps)
-    rng = jax.random.PRNGKey(config.seed)
-
-    init = lambda key: ddpm_stage.init_state(config, model, tx, key)
-    abstract = jax.eval_shape(init, rng)
-    state_sharding = parallel.state_sharding(mesh, abstract)
     source = _load_data(config)
+    run = stage.build_run(config, mesh, workdir, source, is_main)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(run.init, rng)
+    state_sharding = parallel.state_sharding(mesh, abstract)
     data_iter = pipeline.make_train_iterator(source, config.data, t.batch_size, config.seed,
                                              jax.process_index(), jax.process_count(),
-                                             config.model.label_keys)
+                                             run.label_keys)
 
     start = time.time()
     counters = {}
     if latest is None:
-        state = jax.jit(init, out_shardings=state_sharding)(rng)
+        state = jax.jit(run.init, out_shardings=state_sharding)(rng)
         origin = "initialised"
     else:
         state, data_state = _restore(ckpt, abstract, state_sharding, latest,
@@ -110,7 +103,7 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     first_step = int(jax.device_get(state.step))
 
     logger = MetricLogger(workdir, t.num_steps, first_step, t.batch_size, is_main, t.progress_bar)
-    logger.note(f"U-Net: {count_params(abstract.params):,} parameters; {origin} in "
+    logger.note(f"{run.describe(abstract)}; {origin} in "
                 f"{time.time() - start:.1f}s; {mesh.devices.size} devices, {jax.process_count()} "
                 f"process(es), global batch {t.batch_size}")
     for note in resume_notes:
@@ -119,9 +112,8 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
         logger.note(f"already trained to step {first_step} (training.num_steps={t.num_steps}); "
                     "raise --config.training.num_steps to train further")
     try:
-        history = _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state,
-                             state_sharding, data_iter, source, ckpt, logger, first_step,
-                             stop_at, counters, stop_request)
+        history = _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger,
+                             first_step, stop_at, counters, stop_request)
     except TrainingDivergedError as e:
         ckpt.wait()  # let a save of an earlier, finite state finish
         last = ckpt.latest_step()
@@ -136,13 +128,10 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     return history
 
 
-def _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state, state_sharding,
-               data_iter, source, ckpt, logger, first_step, stop_at, counters,
-               stop_request) -> list[dict]:
+def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger, first_step,
+               stop_at, counters, stop_request) -> list[dict]:
     t = config.training
-    is_main = jax.process_index() == 0
-    guarded = guard_step(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
-                         t.skip_nonfinite_steps)
+    guarded = guard_step(run.train_step, t.skip_nonfinite_steps)
     step_fn = jax.jit(guarded,
                       in_shardings=(state_sharding, parallel.batch_sharding(mesh),
                                     parallel.batch_sharding(mesh)),
@@ -152,7 +141,6 @@ def _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state, state_s
     watch = StepWatch(t.skip_nonfinite_steps, counters.get("nonfinite_skipped", 0), logger.note)
     n_local = parallel.local_device_count(mesh)
     start = time.time()
-    sample_fn = None
     history, pending = [], []
     last_step = t.num_steps if stop_at is None else min(stop_at, t.num_steps)
     for step in range(first_step, last_step):
@@ -198,21 +186,11 @@ def _run_steps(config, workdir, mesh, model, schedule, tx, lr_fn, state, state_s
             logger.note(f"stopped at step {done} ({cause}): checkpoint saved in "
                         f"{ckpt.directory}; run the same command again to continue")
             break
-        if t.sample_every and (done % t.sample_every == 0 or done == t.num_steps):
-            if sample_fn is None:
-                shape = ddpm_stage.image_shape(config, t.num_samples)
-                sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
-                                                    config.diffusion.parameterization, shape,
-                                                    mesh, guided=ddpm_stage.is_guided(config))
-                labels, captions = sampling_labels(config, t.num_samples, source=source)
-            params = state.ema_params if config.sampling.use_ema else state.params
-            images = sampling.sample_images(sample_fn, params, config.seed,
-                                            config.sampling.num_steps, config.sampling.eta,
-                                            labels, config.sampling.guidance_scale)
-            if is_main:
-                path = save_grid(jax.device_get(images),
-                                 os.path.join(workdir, "samples", f"step_{done:08d}.png"),
-                                 captions=captions)
-                logger.note(f"wrote {path}")
+        if run.periodic and (done % t.sample_every == 0 or done == t.num_steps):
+            for note in run.periodic(state, done):
+                logger.note(note)
             logger.reset_timer(done)
+        if run.finish and done == t.num_steps:
+            for note in run.finish(state, done):
+                logger.note(note)
     return history

@@ -54,11 +54,15 @@ class MetricLogger:
             self.writer.add_scalar(f"train/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        line = (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
-                f"grad_norm {metrics['grad_norm']:.3f} | lr {metrics['lr']:.2e} | "
-                f"{metrics['images_per_sec']:.1f} img/s")
+        # "loss" first, the rest by name (jitted steps return their metrics sorted anyway).
+        names = sorted((k for k in metrics if k != "images_per_sec"), key=lambda k: (k != "loss", k))
+        shown = [f"{k} {_format(k, metrics[k])}" for k in names]
+        line = " | ".join([f"step {step}/{self.total_steps}", *shown,
+                           f"{metrics['images_per_sec']:.1f} img/s"])
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
+            first = names[0]
+            self.bar.set_postfix({first: _format(first, metrics[first]),
+                                  "img_s": f"{metrics['images_per_sec']:.1f}"})
             self.bar.write(line)
         else:
             print(line, flush=True)
@@ -82,6 +86,20 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.close()
             self.jsonl.close()
+
+
+def _format(name: str, value: float) -> str:
+    """Readable at a glance: learning rates in exponent form, counts as integers, the rest
+    with four significant digits (or four decimals for losses, whose changes are small)."""
+    if name == "lr" or name.endswith("_lr"):
+        return f"{value:.2e}"
+    if float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    if name == "loss" or name.endswith("_loss"):
+        return f"{value:.4f}"
+    if name == "grad_norm":
+        return f"{value:.3f}"
+    return f"{value:.4g}"
 
 
 def drop_records_after(path: str, step: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ldm_jax.config_utils import ConfigError
+from ldm_jax.config_checks import ConfigError
 
 # Changing these never changes the trained numbers.
 HARMLESS = (

@@ -1,0 +1,1 @@
+"""One module per training stage (config.stage), each exposing the functions in api.py."""

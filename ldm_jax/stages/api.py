@@ -1,0 +1,32 @@
+"""What a stage supplies to the one train loop and to sample.py.
+
+A stage is a module named in `config_utils.STAGES` with these functions:
+
+    default_config() -> ConfigDict   the fields an old workdir's config.json is merged into
+    validate(config)                 all of the stage's config checks; raises ConfigError
+    build_run(config, mesh, workdir, source, is_main) -> StageRun
+    sample(workdir, config, options) -> str   what sample.py does with a workdir; returns
+                                              the line it prints
+
+The loop, checkpoints, metrics and multi-host code only ever see a StageRun.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    # key -> train state (a pytree with a `step` field and a `replace` method); jitted by the loop
+    init: Callable[[Any], Any]
+    # (state, batch) -> (state, metrics of float scalars); jitted, sharded and donated by the loop
+    train_step: Callable[[Any, dict], tuple]
+    # abstract train state -> one line for the log, e.g. "U-Net: 1,113,955 parameters"
+    describe: Callable[[Any], str]
+    # dataset labels the input pipeline must carry under batch["labels"]
+    label_keys: tuple = ()
+    # (state, step) -> notes; writes sample grids / evaluations every training.sample_every steps
+    periodic: Callable[[Any, int], list] | None = None
+    # (state, step) -> notes; runs once when the run reaches training.num_steps
+    finish: Callable[[Any, int], list] | None = None

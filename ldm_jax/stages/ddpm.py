@@ -1,0 +1,81 @@
+"""The pixel-space DDPM stage: a U-Net trained to denoise images, sampled with DDPM/DDIM."""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from ldm_jax import sampling
+from ldm_jax.config_checks import ConfigError
+from ldm_jax.data.conditioning import sampling_labels
+from ldm_jax.models.unet import count_params
+from ldm_jax.stages import ddpm_checks
+from ldm_jax.stages.api import StageRun
+from ldm_jax.training import ddpm_stage
+from ldm_jax.training.optimizer import make_optimizer
+from ldm_jax.utils.image_grid import save_grid
+
+
+def default_config():
+    from configs import ddpm_base
+    return ddpm_base.get_config()
+
+
+def validate(config) -> None:
+    ddpm_checks.validate(config)
+
+
+def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
+    t = config.training
+    model = ddpm_stage.build_model(config)
+    schedule = ddpm_stage.build_schedule(config)
+    tx, lr_fn = make_optimizer(config.optimizer, t.num_steps)
+    grids = _GridWriter(config, model, schedule, mesh, source, workdir, is_main)
+    return StageRun(
+        init=lambda key: ddpm_stage.init_state(config, model, tx, key),
+        train_step=ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
+        describe=lambda abstract: f"U-Net: {count_params(abstract.params):,} parameters",
+        label_keys=tuple(config.model.label_keys),
+        periodic=grids if t.sample_every else None)
+
+
+class _GridWriter:
+    """Draws training.num_samples images with the sampling config and writes them as a grid."""
+
+    def __init__(self, config, model, schedule, mesh, source, workdir, is_main):
+        self.config, self.model, self.schedule, self.mesh = config, model, schedule, mesh
+        self.source, self.workdir, self.is_main = source, workdir, is_main
+        self.sample_fn = None
+
+    def __call__(self, state, step: int) -> list:
+        c = self.config
+        if self.sample_fn is None:  # compiled on first use only
+            shape = ddpm_stage.image_shape(c, c.training.num_samples)
+            self.sample_fn = sampling.make_sample_fn(
+                self.model, self.schedule, c.sampling, c.diffusion.parameterization, shape,
+                self.mesh, guided=ddpm_stage.is_guided(c))
+            self.labels, self.captions = sampling_labels(c, c.training.num_samples,
+                                                         source=self.source)
+        params = state.ema_params if c.sampling.use_ema else state.params
+        images = sampling.sample_images(self.sample_fn, params, c.seed, c.sampling.num_steps,
+                                        c.sampling.eta, self.labels, c.sampling.guidance_scale)
+        if not self.is_main:
+            return []
+        path = save_grid(jax.device_get(images),
+                         os.path.join(self.workdir, "samples", f"step_{step:08d}.png"),
+                         captions=self.captions)
+        return [f"wrote {path}"]
+
+
+def sample(workdir: str, config, options: dict) -> str:
+    """sample.py for a DDPM workdir: a grid of new images."""
+    from ldm_jax import generate
+    if options.get("reconstruct"):
+        raise ConfigError("--reconstruct needs an autoencoder workdir; this one is a DDPM "
+                          "(stage 'ddpm'): drop the flag")
+    path, seconds = generate.sample_from_workdir(
+        workdir, num=options["num"], steps=options["steps"], sampler=options["sampler"],
+        eta=options["eta"], seed=options["seed"], out=options["out"],
+        use_ema=False if options["raw_params"] else None, step=options["step"],
+        guidance=options["guidance"], split=options["split"], caption=options["caption"])
+    return f"wrote {path} ({options['num']} images, {seconds:.1f}s)"
