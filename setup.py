@@ -22,7 +22,9 @@ setup(
     ],
     extras_require={
         # torch only as the reference in equivalence tests, benchmarks and weight converters.
-        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "safetensors>=0.4"],
+        # scikit-image only as the reference for the PSNR/SSIM tests (tests/test_image_metrics.py).
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "safetensors>=0.4",
+                 "scikit-image"],
         "convert": ["torch==2.13.0", "safetensors>=0.4"],
     },
 )

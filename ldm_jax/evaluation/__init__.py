@@ -1,0 +1,1 @@
+"""Evaluation metrics (image quality for autoencoder reconstructions), computed on device in jnp."""
