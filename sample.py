@@ -28,6 +28,9 @@ _SPLIT = flags.DEFINE_enum("split", "train", ["train", "test", "validation"],
                            "Label-conditioned models: sample with the labels of this split's "
                            "first --num records; --reconstruct: the images to reconstruct. "
                            "'validation' is the held-out split ('test' for shapes and CIFAR-10).")
+_LATENT_SCALE = flags.DEFINE_bool("latent_scale", False, "Autoencoder workdirs: recompute "
+                                  "1/std of the latents (or the config's fixed scale) and store "
+                                  "it as WORKDIR/latent_scale.json.")
 _RECONSTRUCT = flags.DEFINE_bool("reconstruct", False, "Autoencoder workdirs: reconstruct --num "
                                  "images of --split and report PSNR/SSIM.")
 _CAPTION = flags.DEFINE_string("caption", None, "Label-conditioned shapes models: draw every "
@@ -46,7 +49,7 @@ def main(argv):
                "eta": _ETA.value, "seed": _SEED.value, "out": _OUT.value,
                "raw_params": _RAW.value, "step": _STEP.value, "guidance": _GUIDANCE.value,
                "split": _SPLIT.value, "caption": _CAPTION.value,
-               "reconstruct": _RECONSTRUCT.value}
+               "reconstruct": _RECONSTRUCT.value, "latent_scale": _LATENT_SCALE.value}
     with cli.readable_errors():
         config = config_utils.load_config(_WORKDIR.value)
         line = config_utils.stage_module(config.stage).sample(_WORKDIR.value, config, options)

@@ -17,6 +17,7 @@ CONFIG_FILE = "config.json"
 # config.stage -> the module implementing it (see ldm_jax/stages/api.py)
 STAGES = {
     "ddpm": "ldm_jax.stages.ddpm",
+    "autoencoder": "ldm_jax.stages.autoencoder",
 }
 
 

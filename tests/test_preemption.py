@@ -102,7 +102,7 @@ def test_second_signal_exits_at_once():
 
 
 def test_nonfinite_steps_are_skipped_and_counted():
-    def step(state, batch):  # a stand-in stage step: the loss is NaN where the batch says so
+    def step(state, batch, frozen):  # a stand-in stage step: the loss is NaN where the batch says so
         loss = jnp.where(batch["bad"][0] > 0, jnp.nan, 1.0)
         return state.replace(step=state.step + 1, params=state.params + 1.0), {"loss": loss}
 
@@ -113,7 +113,7 @@ def test_nonfinite_steps_are_skipped_and_counted():
         fn = jax.jit(guard_step(step, skip_nonfinite=skip))
         s, watch, notes = state, StepWatch(skip, skipped=2, note=lambda m: None), []
         for bad in (0, 1, 0):
-            s, metrics, controls = fn(s, {"bad": jnp.array([bad])}, flags)
+            s, metrics, controls = fn(s, {"bad": jnp.array([bad])}, None, flags)
             watch.push(int(s.step), metrics, controls)
             if skip:
                 notes.append([ok for _, _, ok in watch.settle()])
@@ -124,5 +124,5 @@ def test_nonfinite_steps_are_skipped_and_counted():
             with pytest.raises(TrainingDivergedError,
                                match=r"step 2 produced non-finite values \(loss nan\)"):
                 watch.settle()
-    controls = fn(state, {"bad": jnp.array([0])}, jnp.ones((1,), jnp.int32))[2]
+    controls = fn(state, {"bad": jnp.array([0])}, None, jnp.ones((1,), jnp.int32))[2]
     assert int(controls["stop"]) == 1

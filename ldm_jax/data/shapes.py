@@ -63,7 +63,7 @@ HELD_OUT_PAIRS = (
     ("purple", "diamond"),
 )
 
-ALLOWED_IMAGE_SIZES = (32, 64, 128)
+ALLOWED_IMAGE_SIZES = (32, 64, 128, 256, 512)
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 MAX_OBJECTS = 2
 LABEL_KEYS = (

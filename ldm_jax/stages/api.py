@@ -20,12 +20,19 @@ from typing import Any, Callable
 class StageRun:
     # key -> train state (a pytree with a `step` field and a `replace` method); jitted by the loop
     init: Callable[[Any], Any]
-    # (state, batch) -> (state, metrics of float scalars); jitted, sharded and donated by the loop
-    train_step: Callable[[Any, dict], tuple]
+    # (state, batch, frozen) -> (state, metrics of float scalars); jitted, sharded and donated
+    # by the loop
+    train_step: Callable[[Any, dict, Any], tuple]
     # abstract train state -> one line for the log, e.g. "U-Net: 1,113,955 parameters"
     describe: Callable[[Any], str]
     # dataset labels the input pipeline must carry under batch["labels"]
     label_keys: tuple = ()
+    # parameters the step reads but never trains (LPIPS, a first-stage autoencoder, a text
+    # encoder): placed once, replicated, passed to every step, not checkpointed
+    frozen: Any = None
+    # metrics shown on the console line, in order (all of them go to metrics.jsonl and
+    # TensorBoard); None shows all
+    console_keys: tuple | None = None
     # (state, step) -> notes; writes sample grids / evaluations every training.sample_every steps
     periodic: Callable[[Any, int], list] | None = None
     # (state, step) -> notes; runs once when the run reaches training.num_steps

@@ -31,9 +31,10 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
     schedule = ddpm_stage.build_schedule(config)
     tx, lr_fn = make_optimizer(config.optimizer, t.num_steps)
     grids = _GridWriter(config, model, schedule, mesh, source, workdir, is_main)
+    step = ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh)
     return StageRun(
         init=lambda key: ddpm_stage.init_state(config, model, tx, key),
-        train_step=ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
+        train_step=lambda state, batch, frozen: step(state, batch),
         describe=lambda abstract: f"U-Net: {count_params(abstract.params):,} parameters",
         label_keys=tuple(config.model.label_keys),
         periodic=grids if t.sample_every else None)

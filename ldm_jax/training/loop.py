@@ -102,7 +102,8 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
         config_utils.save_config(config, workdir)
     first_step = int(jax.device_get(state.step))
 
-    logger = MetricLogger(workdir, t.num_steps, first_step, t.batch_size, is_main, t.progress_bar)
+    logger = MetricLogger(workdir, t.num_steps, first_step, t.batch_size, is_main, t.progress_bar,
+                          run.console_keys)
     logger.note(f"{run.describe(abstract)}; {origin} in "
                 f"{time.time() - start:.1f}s; {mesh.devices.size} devices, {jax.process_count()} "
                 f"process(es), global batch {t.batch_size}")
@@ -132,9 +133,10 @@ def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger
                stop_at, counters, stop_request) -> list[dict]:
     t = config.training
     guarded = guard_step(run.train_step, t.skip_nonfinite_steps)
+    frozen = jax.device_put(run.frozen, parallel.replicated(mesh))
     step_fn = jax.jit(guarded,
                       in_shardings=(state_sharding, parallel.batch_sharding(mesh),
-                                    parallel.batch_sharding(mesh)),
+                                    parallel.replicated(mesh), parallel.batch_sharding(mesh)),
                       out_shardings=(state_sharding, parallel.replicated(mesh),
                                      parallel.replicated(mesh)),
                       donate_argnums=(0,))
@@ -148,9 +150,9 @@ def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger
         flags = parallel.global_flags(stop_request.local_flags(n_local), mesh)
         if step == first_step:
             # Compile ahead, then start the first step on every process at once.
-            step_fn = step_fn.lower(state, batch, flags).compile()
+            step_fn = step_fn.lower(state, batch, frozen, flags).compile()
             parallel.wait_for_all_processes("train_step_compiled")
-        state, metrics, controls = step_fn(state, batch, flags)
+        state, metrics, controls = step_fn(state, batch, frozen, flags)
         watch.push(step + 1, metrics, controls)
         # At most one step in flight: the bar counts finished steps, and the host does
         # not queue up batches and buffers ahead of the device.

@@ -17,10 +17,11 @@ import tqdm
 
 class MetricLogger:
     def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
-                 is_main: bool, progress_bar: bool = True):
+                 is_main: bool, progress_bar: bool = True, console_keys=None):
         self.is_main = is_main
         self.batch_size = batch_size
         self.total_steps = total_steps
+        self.console_keys = console_keys  # metrics shown on the console line (None: all)
         self._last_step, self._last_time = start_step, time.time()
         self.bar = self.writer = self.jsonl = None
         if not is_main:
@@ -55,7 +56,11 @@ class MetricLogger:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         # "loss" first, the rest by name (jitted steps return their metrics sorted anyway).
-        names = sorted((k for k in metrics if k != "images_per_sec"), key=lambda k: (k != "loss", k))
+        if self.console_keys:
+            names = [k for k in self.console_keys if k in metrics]
+        else:
+            names = sorted((k for k in metrics if k != "images_per_sec"),
+                           key=lambda k: (k != "loss", k))
         shown = [f"{k} {_format(k, metrics[k])}" for k in names]
         line = " | ".join([f"step {step}/{self.total_steps}", *shown,
                            f"{metrics['images_per_sec']:.1f} img/s"])

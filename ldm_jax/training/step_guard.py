@@ -13,16 +13,16 @@ class TrainingDivergedError(RuntimeError):
 
 
 def guard_step(step_fn, skip_nonfinite: bool):
-    """Wrap a stage's step(state, batch) -> (state, metrics) into
-    step(state, batch, stop_flags) -> (state, metrics, controls).
+    """Wrap a stage's step(state, batch, frozen) -> (state, metrics) into
+    step(state, batch, frozen, stop_flags) -> (state, metrics, controls).
 
     `stop_flags` holds one value per device (each process's pre-emption flag); `controls` has
     their maximum over the mesh ("stop") and whether every float metric is finite ("finite").
     With `skip_nonfinite`, a non-finite step leaves the state as it was except for the step
     counter, so the next step draws new data and noise.
     """
-    def guarded(state, batch, stop_flags):
-        new_state, metrics = step_fn(state, batch)
+    def guarded(state, batch, frozen, stop_flags):
+        new_state, metrics = step_fn(state, batch, frozen)
         checks = [jnp.all(jnp.isfinite(v)) for v in metrics.values()
                   if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact)]
         finite = jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)

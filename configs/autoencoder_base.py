@@ -1,0 +1,91 @@
+"""Fields shared by every first-stage (autoencoder) config; LDM's kl-f8 settings by default.
+
+The loss follows latent-diffusion's LPIPSWithDiscriminator (KL) and taming's
+VQLPIPSWithDiscriminator (VQ). Learning rates are the effective ones: LDM configs give a base
+rate of 4.5e-6 that main.py multiplies by batch size x accumulation x GPUs.
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.stage = "autoencoder"
+    config.seed = 0
+
+    config.data = dict(
+        name="shapes",          # "shapes" (embedded) or "cifar10" (tfds, prepared by you)
+        data_dir="",
+        image_size=64,
+        num_train=20000,
+        random_flip=False,
+        num_threads=2,
+        prefetch=4,
+    )
+    config.model = dict(
+        kind="kl",              # kl (Gaussian posterior) | vq (vector-quantised)
+        ch=128,
+        ch_mult=(1, 2, 4, 4),   # downsampling factor f = 2 ** (len(ch_mult) - 1)
+        num_res_blocks=2,
+        attn_resolutions=(),    # resolutions with attention besides the middle block
+        z_channels=4,
+        embed_dim=4,            # vq: code dimension (kl uses z_channels)
+        n_embed=16384,          # vq: codebook size
+        vq_beta=0.25,           # vq: commitment weight
+        vq_legacy=True,         # vq: taming's released weighting (beta on the codebook term)
+        vq_ema=False,           # vq: EMA codebook updates instead of a codebook loss
+        vq_ema_decay=0.99,
+        vq_restart_dead_codes=False,  # vq_ema only: move unused codes onto encoder outputs
+        dropout=0.0,
+        norm_groups=32,
+    )
+    config.loss = dict(
+        perceptual_weight=1.0,  # LPIPS; needs loss.lpips_path, else set 0
+        lpips_path="",          # LPIPS weights converted with `python -m ldm_jax.convert.lpips_weights`
+        pixel_loss="l1",        # vq only: l1 | l2
+        kl_weight=1e-6,
+        codebook_weight=1.0,
+        logvar_init=0.0,
+        # The reference declares logvar a parameter but never gives it to an optimiser, so it
+        # stays at logvar_init; True trains it with the autoencoder.
+        learn_logvar=False,
+        disc_start=50001,
+        disc_weight=0.5,
+        disc_factor=1.0,
+        disc_loss="hinge",      # hinge | vanilla
+        disc_layers=3,
+        disc_channels=64,
+        disc_norm="batch",      # batch | act
+        disc_lr=0.0,            # 0: the autoencoder's optimizer.lr
+    )
+    config.optimizer = dict(
+        lr=4.5e-6 * 12,         # LDM kl-f8: base 4.5e-6 x batch 12 (one GPU)
+        b1=0.5,
+        b2=0.9,
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        schedule="constant",
+        grad_clip=0.0,
+        grad_accum_steps=1,
+    )
+    config.training = dict(
+        batch_size=12,
+        num_steps=500_000,
+        use_ema=False,
+        ema_decay=0.999,
+        compute_dtype="float32",
+        log_every=100,
+        checkpoint_every=5000,
+        keep_checkpoints=3,
+        async_checkpointing=True,
+        sample_every=5000,      # evaluation: PSNR/SSIM and an input|reconstruction PNG
+        num_samples=16,         # held-out images per evaluation
+        progress_bar=True,
+        skip_nonfinite_steps=False,
+    )
+    config.latent = dict(
+        scale="std",            # std: 1/std of latents over num_images (LDM's scale_by_std); fixed
+        fixed_scale=0.18215,    # scale="fixed": Stable Diffusion's value
+        num_images=256,
+    )
+    return config
