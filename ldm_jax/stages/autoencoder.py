@@ -20,6 +20,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.stages import autoencoder_checks
 from ldm_jax.stages.api import StageRun
 from ldm_jax.training import autoencoder_step
+from ldm_jax.training.metrics_logger import drop_records_after
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
 
@@ -108,8 +109,10 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
                 f"parameters, discriminator {_count(abstract.disc_params):,}; {lpips_note}")
 
     def finish(state, step):
-        return [write_latent_scale(config, model, state.params, state.model_state, workdir,
-                                   step, source, is_main)]
+        # The weights sample.py and the next stage use: EMA when kept.
+        params = state.ema_params if state.ema_params is not None else state.params
+        return [write_latent_scale(config, model, params, state.model_state, workdir, step,
+                                   source, is_main)]
 
     return StageRun(
         init=init_fn(config, model, disc, tx, disc_tx),
@@ -175,7 +178,9 @@ class _Evaluator:
             return []
         path = save_pairs(self.images, xrec,
                           os.path.join(self.workdir, "samples", f"recon_{step:08d}.png"))
-        with open(os.path.join(self.workdir, EVAL_FILE), "a") as f:
+        path_jsonl = os.path.join(self.workdir, EVAL_FILE)
+        drop_records_after(path_jsonl, step - 1)  # a resumed run supersedes its own records
+        with open(path_jsonl, "a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
         return [f"eval at step {step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
                 f"on {len(self.images)} held-out images; wrote {path}"]
