@@ -352,3 +352,37 @@ def test_cli_train_then_reconstruct(tmp_path, shapes_data_dir):
         assert img.size == (2 + 2 * 66, 2 + 2 * 34) and img.mode == "RGB"
     r = run(["sample.py", f"--workdir={workdir}"])
     _one_line_error(r, "--reconstruct")
+
+
+# ------------------------------------------------------------------ 7. the VQ variant
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["codebook_loss", "ema_codebook"])
+def test_vq_autoencoder_trains_with_the_gan(ema):
+    """The VQ kind through the same step: codebook loss (or EMA codebook with restarts),
+    perplexity and usage in the metrics, the discriminator on from step 1."""
+    config = tiny_ae_config("", **{"model.kind": "vq", "model.n_embed": 16, "model.embed_dim": 4,
+                                   "model.vq_ema": ema, "model.vq_restart_dead_codes": ema,
+                                   "loss.disc_start": 1})
+    config_utils.validate(config)
+    _, _, init, step = _pieces(config)
+    state = init(jax.random.PRNGKey(0))
+    start = jax.device_get(state)
+    rng = np.random.default_rng(0)
+    history = []
+    for _ in range(3):
+        batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)}
+        state, metrics = step(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
+    assert all(np.isfinite(v) for h in history for v in h.values()), history
+    assert all(h["quant_loss"] > 0 and 1.0 <= h["perplexity"] <= 16.0 for h in history)
+    assert all(0.0 < h["codebook_usage"] <= 1.0 for h in history)
+    assert [h["disc_factor"] for h in history] == [0.0, 1.0, 1.0]
+    assert not _equal_trees(start.disc_params, state.disc_params)
+    if ema:  # the codebook is an EMA statistic, updated by the step, not a parameter
+        assert "quantize" not in state.params["autoencoder"]
+        assert not _equal_trees(start.model_state, state.model_state)
+    else:
+        assert state.model_state == {} or not jax.tree_util.tree_leaves(state.model_state)
+        assert not np.array_equal(start.params["autoencoder"]["quantize"]["embedding"],
+                                  state.params["autoencoder"]["quantize"]["embedding"])
