@@ -44,7 +44,11 @@ def init_state(config, model, disc, tx, disc_tx, rng, image_shape) -> Autoencode
     variables = flax.core.unfreeze(variables)
     ae_params = variables.pop("params")
     params = {"autoencoder": ae_params, "logvar": jnp.full((), config.loss.logvar_init, jnp.float32)}
-    d_vars = flax.core.unfreeze(disc.init({"params": d_key}, x, train=True))
+    # ActNorm initialises from its first batch (taming uses the first training batch); uniform
+    # noise in the image range stands in here, since init sees no data. BatchNorm ignores it.
+    x_d = (jax.random.uniform(jax.random.fold_in(d_key, 1), (8, *image_shape), jnp.float32,
+                              -1.0, 1.0) if disc.norm == "act" else x)
+    d_vars = flax.core.unfreeze(disc.init({"params": d_key}, x_d, train=True))
     d_params = d_vars.pop("params")
     return AutoencoderState(
         step=jnp.zeros((), jnp.int32), params=params,
