@@ -89,3 +89,31 @@ def get_config():
         num_images=256,
     )
     return config
+
+
+def ldm_first_stage(kind: str, z_channels: int, ch_mult: tuple, attn_resolutions: tuple = (),
+                    n_embed: int = 0):
+    """One of LDM's released first stages at 256x256: ch 128, 2 res blocks, the given levels;
+    the embedded shapes (5000 rendered at 256 px) stand in until real image sources land."""
+    config = get_config()
+    config.data.image_size = 256
+    config.data.num_train = 5000
+    config.model.kind = kind
+    config.model.z_channels = z_channels
+    config.model.embed_dim = z_channels
+    config.model.ch = 128
+    config.model.ch_mult = ch_mult
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = attn_resolutions
+    if kind == "kl":  # latent-diffusion's LPIPSWithDiscriminator settings
+        config.loss.disc_start = 50001
+        config.loss.kl_weight = 1e-6
+        config.loss.disc_weight = 0.5
+    else:  # taming's VQLPIPSWithDiscriminator as LDM's vq-f4 release sets it
+        config.model.n_embed = n_embed
+        config.loss.disc_start = 0
+        config.loss.disc_weight = 0.75
+        config.loss.codebook_weight = 1.0
+        config.latent.scale = "fixed"  # LDM feeds VQ latents to the U-Net unscaled
+        config.latent.fixed_scale = 1.0
+    return config

@@ -1,26 +1,11 @@
 """LDM's kl-f32 first stage (models/first_stage_models/kl-f32): f=32, 64 latent channels, attention at 16x16 and 8x8.
+256x256 images give 8x8x64 latents.
 
 COMMAND: python train.py --config=configs/autoencoder_kl_f32.py --workdir=workdirs/kl_f32 \
-    --config.data.name=... --config.loss.lpips_path=lpips.safetensors
-256x256 images give latents of 8x8x64. LDM trained its first stages on OpenImages on GPUs;
-the loss settings here are the released config's.
+    --config.loss.lpips_path=lpips.safetensors
 """
 from configs import autoencoder_base
 
 
 def get_config():
-    config = autoencoder_base.get_config()
-    config.data.image_size = 256
-    # Until real image sources land, the embedded shapes stand in (rendered at 256 px).
-    config.data.num_train = 5000
-    config.model.kind = "kl"
-    config.model.z_channels = 64
-    config.model.embed_dim = 64
-    config.model.ch = 128
-    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16, 8)
-    config.loss.disc_start = 50001
-    config.loss.kl_weight = 1e-6
-    config.loss.disc_weight = 0.5
-    return config
+    return autoencoder_base.ldm_first_stage("kl", 64, (1, 1, 2, 2, 4, 4), (16, 8))

@@ -2,27 +2,10 @@
 VQLPIPSWithDiscriminator: f=4, 8192 codes of dimension 3; 256x256 images give 64x64x3 latents.
 
 COMMAND: python train.py --config=configs/autoencoder_vq_f4.py --workdir=workdirs/vq_f4 \
-    --config.data.name=... --config.loss.lpips_path=lpips.safetensors
+    --config.loss.lpips_path=lpips.safetensors
 """
 from configs import autoencoder_base
 
 
 def get_config():
-    config = autoencoder_base.get_config()
-    config.data.image_size = 256
-    # Until real image sources land, the embedded shapes stand in (rendered at 256 px).
-    config.data.num_train = 5000
-    config.model.kind = "vq"
-    config.model.z_channels = 3
-    config.model.embed_dim = 3
-    config.model.n_embed = 8192
-    config.model.ch = 128
-    config.model.ch_mult = (1, 2, 4)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = ()
-    config.loss.disc_start = 0
-    config.loss.disc_weight = 0.75
-    config.loss.codebook_weight = 1.0
-    config.latent.scale = "fixed"  # LDM feeds VQ latents to the U-Net unscaled
-    config.latent.fixed_scale = 1.0
-    return config
+    return autoencoder_base.ldm_first_stage("vq", 3, (1, 2, 4), n_embed=8192)
