@@ -252,9 +252,10 @@ def main():
     ours_loss, ours_grads = ours["train"]()
     loss_err, grad_err, grad_worst = compare(ours_loss, ours_grads, torch_loss, torch_grads)
     del ours_grads, torch_grads
-    if loss_err > 1e-4:
-        raise SystemExit(f"losses disagree: ours {float(ours_loss):.6f}, PyTorch "
-                         f"{torch_loss:.6f} (rel. {loss_err:.1e}); the models differ")
+    if loss_err > 1e-4 or grad_err > 1e-3:
+        raise SystemExit(f"ours and PyTorch disagree: loss {float(ours_loss):.6f} against "
+                         f"{torch_loss:.6f} (rel. {loss_err:.1e}), gradients up to {grad_err:.1e} "
+                         f"({grad_worst}); the models differ")
 
     times = {k: [] for k in ("jax_train", "torch_train", "jax_fwd", "torch_fwd")}
     for rep in range(args.warmup + args.reps):
