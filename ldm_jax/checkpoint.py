@@ -3,23 +3,46 @@ keep-N, async.
 
 orbax writes each step into a temporary folder and renames it only when complete, so a process
 killed mid-save leaves the previous step as the latest usable checkpoint; the temporary folders
-such a kill leaves behind are deleted when the workdir is opened again.
+such a kill leaves behind are deleted when the workdir is opened again for training. Readers
+(sampling, evaluation) open it read-only and never delete anything: a training run may be writing
+into one of those folders at that moment.
 """
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+_UNFINISHED_MARK = ".orbax-checkpoint-tmp"
+
+
+def remove_unfinished_saves(directory: str) -> list[str]:
+    """Delete the temporary step folders a killed save left in `directory`; returns their names.
+
+    Done here, synchronously and before any save, rather than by orbax's background clean-up:
+    that one runs concurrently with whatever opens the directory next and fails when two
+    managers race to delete the same folder."""
+    if not os.path.isdir(directory):
+        return []
+    stale = sorted(n for n in os.listdir(directory) if _UNFINISHED_MARK in n)
+    for name in stale:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return stale
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, max_to_keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """`read_only`: open for restoring only (no saves, no clean-up of unfinished saves)."""
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               cleanup_tmp_directories=True,
+        if not read_only and jax.process_index() == 0:
+            remove_unfinished_saves(self.directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                               read_only=read_only,
+                                               cleanup_tmp_directories=False,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

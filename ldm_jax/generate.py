@@ -24,7 +24,7 @@ def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | No
     abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, _NO_OPTIMIZER, k),
                               jax.random.PRNGKey(0)).params
     abstract = abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract))
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     step = ckpt.latest_step() if step is None else step
     available = ckpt.manager.all_steps()
     if step not in available:
@@ -52,7 +52,7 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
         raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run")
     config = config_utils.load_config(workdir)
     if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or \
-            Checkpointer(workdir, async_save=False).latest_step() is None:
+            Checkpointer(workdir, async_save=False, read_only=True).latest_step() is None:
         raise FileNotFoundError(f"workdir {workdir!r} has no complete checkpoint yet; train first "
                                 "(checkpoints are written every training.checkpoint_every steps)")
     if sampler:

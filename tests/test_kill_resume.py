@@ -41,7 +41,7 @@ def test_sigkill_during_save_then_resume(tmp_path, shapes_data_dir):
 
     # The save seen in flight may have completed between the listing and the kill: then it is
     # a legitimate latest step. Otherwise the latest is the newest step listed as complete.
-    latest = Checkpointer(workdir).latest_step()
+    latest = Checkpointer(workdir, read_only=True).latest_step()
     assert latest in set(complete) | {in_flight_step}, (latest, complete, in_flight)
     assert latest >= max(complete)
 
@@ -61,3 +61,18 @@ def test_sigkill_during_save_then_resume(tmp_path, shapes_data_dir):
     assert [r["loss"] for r in records] == [h["loss"] for h in straight]
     # The kill's half-written folder was cleaned up when the workdir was opened again.
     assert not [n for n in os.listdir(os.path.join(workdir, CHECKPOINT_DIR)) if "tmp" in n]
+
+
+def test_readers_leave_unfinished_saves_alone_and_the_writer_removes_them(tmp_path):
+    """A reader (sample.py while training runs) must not delete a save in flight; opening the
+    workdir to train removes what a killed save left, before returning, so nothing races it."""
+    ckpt_dir = tmp_path / CHECKPOINT_DIR
+    unfinished = ckpt_dir / "7.orbax-checkpoint-tmp"
+    (unfinished / "state").mkdir(parents=True)
+    (ckpt_dir / "5").mkdir()
+    for _ in range(2):
+        Checkpointer(str(tmp_path), read_only=True).latest_step()
+    assert unfinished.is_dir()
+    Checkpointer(str(tmp_path))
+    Checkpointer(str(tmp_path))  # a second writer finds nothing left to delete, and no error
+    assert sorted(os.listdir(ckpt_dir)) == ["5"]

@@ -81,6 +81,6 @@ def _restore_full_state(workdir, config, mesh):
     tx, _ = make_optimizer(config.optimizer, config.training.num_steps)
     abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, tx, k),
                               jax.random.PRNGKey(0))
-    state, _ = Checkpointer(workdir).restore(
+    state, _ = Checkpointer(workdir, read_only=True).restore(
         abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract)))
     return state

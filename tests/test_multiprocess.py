@@ -58,7 +58,7 @@ def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path, shapes_d
     assert "4 devices, 2 process(es)" in outs[0]
     stop = stopped_step(outs[0])
     assert 3 <= stop < 30 and "SIGTERM received" in outs[1]
-    assert Checkpointer(workdir).latest_step() == stop
+    assert Checkpointer(workdir, read_only=True).latest_step() == stop
     assert [r["step"] for r in _logged(workdir)] == list(range(1, stop + 1))
 
     # The same 2-process command resumes from the agreed step and finishes the run.

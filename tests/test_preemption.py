@@ -62,7 +62,7 @@ def test_sigterm_saves_exits_zero_and_rerun_continues_exactly(tmp_path, shapes_d
     assert "SIGTERM received" in out
     stop = stopped_step(out)
     assert 3 <= stop < 40
-    assert Checkpointer(workdir).latest_step() == stop
+    assert Checkpointer(workdir, read_only=True).latest_step() == stop
     assert [r["step"] for r in logged(workdir)] == list(range(1, stop + 1))
 
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -77,8 +77,8 @@ def test_sigterm_saves_exits_zero_and_rerun_continues_exactly(tmp_path, shapes_d
         list(range(1, 41))
     assert [r["loss"] for r in records] == [h["loss"] for h in straight]
     abstract = abstract_params(config)
-    ours = Checkpointer(workdir).restore_subtree("params", abstract)
-    theirs = Checkpointer(str(tmp_path / "straight")).restore_subtree("params", abstract)
+    ours = Checkpointer(workdir, read_only=True).restore_subtree("params", abstract)
+    theirs = Checkpointer(str(tmp_path / "straight"), read_only=True).restore_subtree("params", abstract)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -121,7 +121,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, shapes_data_di
         train(config, workdir)
     message = str(info.value)
     bad_step = int(message.split("step ", 1)[1].split(" ", 1)[0])
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     last = ckpt.latest_step()
     assert 1 <= last < bad_step, (last, message)
     assert f"the last checkpoint, step {last} in" in message and "non-finite" in message

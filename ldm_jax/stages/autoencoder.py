@@ -222,7 +222,7 @@ def _restore_for_use(workdir, config, step, use_ema):
     abstract = jax.eval_shape(init_fn(config, model, disc, tx, disc_tx), jax.random.PRNGKey(0))
     mesh = parallel.make_mesh()
     place = lambda tree: abstract_with_sharding(tree, parallel.state_sharding(mesh, tree))
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step not in ckpt.manager.all_steps():
         raise FileNotFoundError(f"no checkpoint at step {step} in {ckpt.directory}; choose "
