@@ -18,7 +18,8 @@ _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the confi
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_OUT = flags.DEFINE_string("out", None, "Output PNG (default: DIR/samples/sample_seed{seed}.png).")
+_OUT = flags.DEFINE_string("out", None, "Output PNG (default: DIR/samples/sample_seed{seed}.png), "
+                           "or a folder (ending in /): each image as its own PNG, the grid beside it as FOLDER_grid.png.")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw params even where the config's "
                          "sampling.use_ema asks for the EMA params.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

@@ -6,6 +6,8 @@ rate of 4.5e-6 that main.py multiplies by batch size x accumulation x GPUs.
 """
 import ml_collections
 
+from configs import eval_base
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -88,6 +90,8 @@ def get_config():
         fixed_scale=0.18215,    # scale="fixed": Stable Diffusion's value
         num_images=256,
     )
+    config.eval = eval_base.eval_section(("psnr", "ssim", "fid"))
+    config.eval.reference_split = "validation"  # the split reconstructed
     return config
 
 

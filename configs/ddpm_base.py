@@ -1,6 +1,8 @@
 """Fields shared by every pixel-space DDPM config; experiment configs start from this one."""
 import ml_collections
 
+from configs import eval_base
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -78,4 +80,6 @@ def get_config():
         use_ema=True,
         guidance_scale=1.0,     # conditional models: classifier-free guidance; 1 = none
     )
+    config.eval = eval_base.eval_section(("fid",))
     return config
+

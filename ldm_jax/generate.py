@@ -12,7 +12,7 @@ from ldm_jax.checkpoint import CHECKPOINT_DIR, Checkpointer, abstract_with_shard
 from ldm_jax.data import pipeline
 from ldm_jax.data.conditioning import sampling_labels
 from ldm_jax.training import ddpm_stage
-from ldm_jax.utils.image_grid import save_grid
+from ldm_jax.utils.image_grid import is_folder_path, save_grid, save_images
 
 _NO_OPTIMIZER = optax.identity()  # only the params' shapes are wanted
 
@@ -87,4 +87,6 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     images = jax.device_get(images)
     seconds = time.time() - start
     out = out or os.path.join(workdir, "samples", f"sample_step{trained_steps}_seed{seed}.png")
+    if is_folder_path(out):
+        return save_images(images, out, captions=captions), seconds
     return save_grid(images, out, captions=captions), seconds

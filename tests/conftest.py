@@ -22,6 +22,9 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     os.environ["LDM_JAX_CACHE_DIR"] = path  # for train.py / sample.py subprocesses
+    # Converted Inception weights and reference features: converted once per test session,
+    # never in the user's ~/.cache.
+    os.environ["LDM_JAX_CACHE"] = str(tmp_path_factory.mktemp("ldm_jax_cache"))
     return path
 
 

@@ -352,6 +352,15 @@ def test_cli_train_then_reconstruct(tmp_path, shapes_data_dir):
         assert img.size == (2 + 2 * 66, 2 + 2 * 34) and img.mode == "RGB"
     r = run(["sample.py", f"--workdir={workdir}"])
     _one_line_error(r, "--reconstruct")
+    # The evaluation command reconstructs the held-out split: rFID against the originals.
+    r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=psnr,ssim,fid,kid",
+             "--num=12", "--batch_size=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(workdir, ae.EVAL_FILE)) as f:
+        record = json.loads(f.readlines()[-1])
+    assert record["source"] == "evaluate" and record["num"] == 12 and record["step"] == 2
+    assert record["rfid"] > 0 and 0 < record["ssim"] < 1 and record["psnr"] > 0
+    assert "rfid" in r.stdout and "psnr" in r.stdout
 
 
 # ------------------------------------------------------------------ 7. the VQ variant

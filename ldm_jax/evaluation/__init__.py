@@ -1,1 +1,2 @@
-"""Evaluation metrics (image quality for autoencoder reconstructions), computed on device in jnp."""
+"""Evaluation: Inception metrics (FID, KID, IS, precision/recall), autoencoder image quality
+(PSNR, SSIM, LPIPS) and the shapes dataset's adherence checker."""

@@ -7,6 +7,8 @@ A stage is a module named in `config_utils.STAGES` with these functions:
     build_run(config, mesh, workdir, source, is_main) -> StageRun
     sample(workdir, config, options) -> str   what sample.py does with a workdir; returns
                                               the line it prints
+    image_maker(config, mesh) -> ImageMaker   how evaluation gets images from params
+    load_for_evaluation(workdir, config, mesh, step, use_ema) -> (params, step)
 
 The loop, checkpoints, metrics and multi-host code only ever see a StageRun.
 """
@@ -37,3 +39,7 @@ class StageRun:
     periodic: Callable[[Any, int], list] | None = None
     # (state, step) -> notes; runs once when the run reaches training.num_steps
     finish: Callable[[Any, int], list] | None = None
+    # (state, step) -> ({metric: float}, notes); every `evaluate_every` steps and at the end.
+    # The loop logs the figures to metrics.jsonl, TensorBoard and eval.jsonl
+    evaluate: Callable[[Any, int], tuple] | None = None
+    evaluate_every: int = 0

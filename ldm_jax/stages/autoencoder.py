@@ -20,7 +20,7 @@ from ldm_jax.data import pipeline
 from ldm_jax.stages import autoencoder_checks
 from ldm_jax.stages.api import StageRun
 from ldm_jax.training import autoencoder_step
-from ldm_jax.training.metrics_logger import drop_records_after
+from ldm_jax.training.metrics_logger import EVAL_FILE
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.utils.image_grid import save_grid
 
@@ -28,7 +28,6 @@ LATENT_SCALE_FILE = "latent_scale.json"
 _GAN_KEYS = ("g_loss", "d_weight", "disc_loss", "grad_norm", "lr")
 _CONSOLE_KEYS = {"kl": ("loss", "rec_loss", "kl_loss", *_GAN_KEYS),
                  "vq": ("loss", "rec_loss", "quant_loss", "perplexity", *_GAN_KEYS)}
-EVAL_FILE = "eval.jsonl"
 
 
 def default_config():
@@ -114,13 +113,19 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         return [write_latent_scale(config, model, params, state.model_state, workdir, step,
                                    source, is_main)]
 
+    evaluate = None
+    if config.eval.every:
+        from ldm_jax.evaluation.evaluator import training_evaluator
+        evaluate = training_evaluator(
+            config, mesh, image_maker(config, mesh),
+            lambda s: (s.ema_params if s.ema_params is not None else s.params, s.model_state))
     return StageRun(
         init=init_fn(config, model, disc, tx, disc_tx),
         train_step=autoencoder_step.make_train_step(config, model, disc, tx, disc_tx, lr_fn,
                                                     kind),
         describe=describe, frozen=lpips, console_keys=_CONSOLE_KEYS[kind],
         periodic=evaluator if config.training.sample_every else None,
-        finish=finish)
+        finish=finish, evaluate=evaluate, evaluate_every=config.eval.every)
 
 
 def _reconstruct_fn(model):
@@ -179,7 +184,6 @@ class _Evaluator:
         path = save_pairs(self.images, xrec,
                           os.path.join(self.workdir, "samples", f"recon_{step:08d}.png"))
         path_jsonl = os.path.join(self.workdir, EVAL_FILE)
-        drop_records_after(path_jsonl, step - 1)  # a resumed run supersedes its own records
         with open(path_jsonl, "a") as f:
             f.write(json.dumps({"step": step, **scores}) + "\n")
         return [f"eval at step {step}: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} "
@@ -233,6 +237,29 @@ def _restore_for_use(workdir, config, step, use_ema):
                    if abstract.model_state else {})
     ckpt.close()
     return model, params, model_state, step
+
+
+def image_maker(config, mesh, lpips_path: str | None = None):
+    """Evaluation reconstructs held-out images; LPIPS is measured when weights are given (the
+    path, else the config's loss.lpips_path)."""
+    from ldm_jax.evaluation.evaluator import ImageMaker
+    reconstruct = _reconstruct_fn(build_model(config))
+    lpips_fn = None
+    path = lpips_path or config.loss.lpips_path
+    if path:
+        from ldm_jax.convert.lpips_weights import load_converted
+        from ldm_jax.models.lpips import LPIPS
+        lpips_params = load_converted(os.path.expanduser(path))
+        apply = jax.jit(lambda x, y: LPIPS().apply({"params": lpips_params}, x, y))
+        lpips_fn = lambda x, y: apply(jnp.asarray(x), jnp.asarray(y))
+    return ImageMaker("reconstructions", lambda bundle, x: reconstruct(*bundle, x),
+                      lpips=lpips_fn)
+
+
+def load_for_evaluation(workdir: str, config, mesh, step=None, use_ema: bool = True):
+    """((params, model_state), step) of a checkpoint, for image_maker's make."""
+    _, params, model_state, step = _restore_for_use(workdir, config, step, use_ema)
+    return (params, model_state), step
 
 
 def sample(workdir: str, config, options: dict) -> str:

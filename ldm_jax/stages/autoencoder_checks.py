@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ldm_jax.config_checks import ConfigError, at_least, check_data, check_training, one_of
+from ldm_jax.evaluation.eval_checks import check_eval_config
 
 KINDS = ("kl", "vq")
 LATENT_SCALES = ("std", "fixed")
@@ -14,6 +15,7 @@ def validate(config) -> None:
     from ldm_jax.models.discriminator import NORMS
 
     check_data(config.data)
+    check_eval_config(config, "reconstructions")
     check_training(config)
     m, lc = config.model, config.loss
     one_of(m.kind, KINDS, "model.kind")

@@ -32,12 +32,19 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
     tx, lr_fn = make_optimizer(config.optimizer, t.num_steps)
     grids = _GridWriter(config, model, schedule, mesh, source, workdir, is_main)
     step = ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh)
+    evaluate = None
+    if config.eval.every:
+        from ldm_jax.evaluation.evaluator import training_evaluator
+        evaluate = training_evaluator(
+            config, mesh, image_maker(config, mesh),
+            lambda state: state.ema_params if config.sampling.use_ema else state.params)
     return StageRun(
         init=lambda key: ddpm_stage.init_state(config, model, tx, key),
         train_step=lambda state, batch, frozen: step(state, batch),
         describe=lambda abstract: f"U-Net: {count_params(abstract.params):,} parameters",
         label_keys=tuple(config.model.label_keys),
-        periodic=grids if t.sample_every else None)
+        periodic=grids if t.sample_every else None,
+        evaluate=evaluate, evaluate_every=config.eval.every)
 
 
 class _GridWriter:
@@ -66,6 +73,31 @@ class _GridWriter:
                          os.path.join(self.workdir, "samples", f"step_{step:08d}.png"),
                          captions=self.captions)
         return [f"wrote {path}"]
+
+
+def image_maker(config, mesh):
+    """Evaluation draws samples with the sampling config (steps, sampler, eta, guidance)."""
+    from ldm_jax.evaluation.evaluator import ImageMaker
+    model, schedule = ddpm_stage.build_model(config), ddpm_stage.build_schedule(config)
+    s = config.sampling
+    compiled = {}
+
+    def make(params, labels, n, seed):
+        if n not in compiled:
+            compiled[n] = sampling.make_sample_fn(
+                model, schedule, s, config.diffusion.parameterization,
+                ddpm_stage.image_shape(config, n), mesh, guided=ddpm_stage.is_guided(config))
+        return sampling.sample_images(compiled[n], params, seed, s.num_steps, s.eta, labels,
+                                      s.guidance_scale)
+
+    return ImageMaker("samples", make, label_keys=tuple(config.model.label_keys))
+
+
+def load_for_evaluation(workdir: str, config, mesh, step=None, use_ema: bool = True):
+    """(params, step) of a checkpoint, for image_maker's make."""
+    from ldm_jax import generate
+    _, params, step = generate.load_params(workdir, config, mesh, use_ema, step)
+    return params, step
 
 
 def sample(workdir: str, config, options: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from ldm_jax.config_checks import ConfigError, check_data, check_training, one_of
+from ldm_jax.evaluation.eval_checks import check_eval_config
 
 MAX_TIMESTEPS = 100_000  # diffusion.num_timesteps beyond this is a typo, not a schedule
 
@@ -14,6 +15,7 @@ def validate(config) -> None:
     from ldm_jax.models.unet import check_input_size
 
     check_data(config.data)
+    check_eval_config(config, "samples")
     one_of(config.diffusion.schedule, schedules.BETA_KINDS, "diffusion.schedule")
     one_of(config.diffusion.parameterization, objectives.PARAMETERIZATIONS,
            "diffusion.parameterization")

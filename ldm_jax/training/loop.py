@@ -192,6 +192,12 @@ def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger
             for note in run.periodic(state, done):
                 logger.note(note)
             logger.reset_timer(done)
+        if run.evaluate and (done % run.evaluate_every == 0 or done == t.num_steps):
+            figures, notes = run.evaluate(state, done)
+            for note in notes:
+                logger.note(note)
+            logger.log_eval(done, figures)
+            logger.reset_timer(done)
         if run.finish and done == t.num_steps:
             for note in run.finish(state, done):
                 logger.note(note)

@@ -14,11 +14,13 @@ import time
 
 import tqdm
 
+EVAL_FILE = "eval.jsonl"  # evaluation records: periodic ones and python -m ldm_jax.evaluate's
+
 
 class MetricLogger:
     def __init__(self, workdir: str, total_steps: int, start_step: int, batch_size: int,
                  is_main: bool, progress_bar: bool = True, console_keys=None):
-        self.is_main = is_main
+        self.is_main, self.workdir = is_main, workdir
         self.batch_size = batch_size
         self.total_steps = total_steps
         self.console_keys = console_keys  # metrics shown on the console line (None: all)
@@ -33,6 +35,7 @@ class MetricLogger:
         path = os.path.join(workdir, "metrics.jsonl")
         if resumed:
             drop_records_after(path, start_step)
+            drop_records_after(os.path.join(workdir, EVAL_FILE), start_step)
         self.jsonl = open(path, "a")
         if progress_bar:
             self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
@@ -72,6 +75,22 @@ class MetricLogger:
         else:
             print(line, flush=True)
         return metrics
+
+    def log_eval(self, step: int, figures: dict) -> None:
+        """Evaluation figures: TensorBoard under eval/, metrics.jsonl as eval/NAME, and
+        eval.jsonl (the file `python -m ldm_jax.evaluate` appends to), plus one console line."""
+        if not self.is_main:
+            return
+        figures = {k: float(v) for k, v in figures.items()}
+        for k, v in figures.items():
+            self.writer.add_scalar(f"eval/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in
+                                                      figures.items()}}) + "\n")
+        self.jsonl.flush()
+        with open(os.path.join(self.workdir, EVAL_FILE), "a") as f:
+            f.write(json.dumps({"step": step, "source": "training", **figures}) + "\n")
+        self.note(" | ".join([f"eval at step {step}"] +
+                             [f"{k} {_format(k, v)}" for k, v in figures.items()]))
 
     def note(self, message: str) -> None:
         if not self.is_main:

@@ -17,6 +17,7 @@ HARMLESS = (
     "training.async_checkpointing", "training.sample_every", "training.num_samples",
     "training.progress_bar", "data.num_threads", "data.prefetch", "data.data_dir",
     "sampling.",  # how grids are drawn during training; the weights do not see it
+    "eval.",      # what is evaluated during training; the weights do not see it
 )
 NUM_STEPS = "training.num_steps"  # allowed: extends (or ends) the run; the lr schedule is redrawn
 

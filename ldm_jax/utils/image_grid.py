@@ -32,8 +32,19 @@ def pil_can_write(extension: str) -> bool:
     return True
 
 
+def is_folder_path(path: str) -> bool:
+    """--out=DIR/ (a trailing slash): each image as its own PNG, plus the grid."""
+    return path.endswith(("/", os.sep))
+
+
 def check_output_path(path: str) -> None:
     """Raise ImageOutputError, before any work, when a grid could not be saved at `path`."""
+    if is_folder_path(path):
+        reason = unwritable_reason(path, directory=True)
+        if reason:
+            raise ImageOutputError(f"--out={path} cannot be created or written ({reason}); "
+                                   "pass a folder you can write to")
+        return
     extension = os.path.splitext(path)[1]
     if not pil_can_write(extension):
         what = f"'{extension}' is not an image format PIL can write" if extension else \
@@ -42,8 +53,10 @@ def check_output_path(path: str) -> None:
                                "(e.g. --out=samples.png)")
     reason = unwritable_reason(path)
     if reason:
+        hint = ("; end it with / to write one PNG per image into that folder"
+                if reason == "it is a directory" else "")
         raise ImageOutputError(f"--out={path} cannot be written ({reason}); "
-                               "pass a path you can write to")
+                               f"pass a path you can write to{hint}")
 
 
 def to_uint8(images) -> np.ndarray:
@@ -90,3 +103,19 @@ def save_grid(images, path: str, captions=None) -> str:
                 r, k = divmod(i, cols)
                 f.write(f"{r + 1}, {k + 1}: {caption}\n")
     return path
+
+
+def save_images(images, folder: str, captions=None) -> str:
+    """Each [-1, 1] image as FOLDER/000000.png, ... (what FID tools read) and, with `captions`,
+    FOLDER/captions.txt (one line per image). The grid goes beside the folder, as
+    FOLDER_grid.png, so the folder holds the samples only. Returns the folder."""
+    pixels = to_uint8(images)  # NaN/Inf raise before anything is written
+    folder = os.path.normpath(folder)
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
+    if captions is not None:
+        with open(os.path.join(folder, "captions.txt"), "w") as f:
+            f.writelines(f"{i:06d}.png: {caption}\n" for i, caption in enumerate(captions))
+    Image.fromarray(make_grid(pixels)).save(folder + "_grid.png")
+    return folder

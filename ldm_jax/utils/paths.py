@@ -23,3 +23,9 @@ def unwritable_reason(path: str, directory: bool = False) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"no write permission in {parent}"
     return None
+
+
+def cache_root() -> str:
+    """Where derived files live (converted weights, dataset reference features):
+    $LDM_JAX_CACHE, or ~/.cache/ldm_jax."""
+    return os.path.expanduser(os.environ.get("LDM_JAX_CACHE") or "~/.cache/ldm_jax")

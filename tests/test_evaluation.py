@@ -1,0 +1,177 @@
+"""Evaluation plumbing: cached reference features, metric/model checks, FID/KID from real
+Inception features against SciPy, and the evaluate command on a tiny trained workdir."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from conftest import ROOT, tensorboard_steps, tiny_config
+from ldm_jax.config_checks import ConfigError
+from ldm_jax.data import shapes_tfds
+from ldm_jax.evaluation import eval_checks, reference
+
+
+class CountingExtractor:
+    """Stands in for the Inception network where only the caching is under test."""
+
+    def __init__(self, network_id="net-a"):
+        self.network_id, self.calls = network_id, 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return {"pool": images.reshape(len(images), -1)[:, :8].astype(np.float32)}
+
+
+def test_reference_features_are_cached_and_recomputed_when_the_data_change(
+        tmp_path, monkeypatch, shapes_data_dir):
+    monkeypatch.setenv("LDM_JAX_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(shapes_data_dir)
+    net = CountingExtractor()
+    first, note = reference.reference_features(config.data, "train", 12, net)
+    assert net.calls == 1 and "computed" in note
+    again, note = reference.reference_features(config.data, "train", 12, net)
+    assert net.calls == 1 and "read from" in note
+    np.testing.assert_array_equal(first["pool"], again["pool"])
+
+    reference.reference_features(config.data, "validation", 12, net)  # another split
+    reference.reference_features(config.data, "train", 10, net)  # another count
+    reference.reference_features(config.data, "train", 12, CountingExtractor("net-b"))
+    assert net.calls == 3
+    # The same config fields over a regenerated dataset (another seed, hence other pixels).
+    other_dir = str(tmp_path / "tfds")
+    shapes_tfds.prepare_shapes(other_dir, image_size=32, num_train=64, seed=1)
+    config.data.data_dir = other_dir
+    monkeypatch.setattr(shapes_tfds, "shapes_data_source",
+                        _with_seed(shapes_tfds.shapes_data_source, 1))
+    changed, _ = reference.reference_features(config.data, "train", 12, net)
+    assert net.calls == 4 and not np.array_equal(changed["pool"], first["pool"])
+
+
+def _with_seed(fn, seed):
+    return lambda *a, **k: fn(*a, **{**k, "seed": seed})
+
+
+@pytest.mark.parametrize("metrics,kind,labels,message", [
+    ("fid,sharpness", "samples", (), "unknown metric"),
+    ("psnr", "samples", (), "autoencoder workdirs only"),
+    ("adherence", "samples", (), "unconditional"),
+    ("adherence", "reconstructions", (), "needs a diffusion model"),
+])
+def test_metrics_that_cannot_apply_are_refused(metrics, kind, labels, message):
+    with pytest.raises(ConfigError, match=message):
+        eval_checks.check_metrics(eval_checks.parse_metrics(metrics), kind, "shapes", labels)
+
+
+def test_eval_config_is_checked_with_the_training_config(shapes_data_dir):
+    from ldm_jax import config_utils
+    config = tiny_config(shapes_data_dir, **{"eval.every": 5, "eval.metrics": ("adherence",)})
+    with pytest.raises(ConfigError, match="unconditional"):
+        config_utils.validate(config)
+    config = tiny_config(shapes_data_dir, **{"eval.every": 5, "eval.num_samples": 4})
+    with pytest.raises(ConfigError, match="eval.num_samples"):
+        config_utils.validate(config)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from ldm_jax import parallel
+    from ldm_jax.evaluation.features import InceptionFeatures
+    return InceptionFeatures(parallel.make_mesh(), batch_size=16)
+
+
+def test_fid_and_kid_of_inception_features_equal_scipy(extractor, shapes_data_dir):
+    from ldm_jax.data import pipeline
+    from ldm_jax.evaluation.evaluator import inception_metrics
+    config = tiny_config(shapes_data_dir)
+    train = reference.split_images(pipeline.load_source(config.data, "train"), 40)
+    test = reference.split_images(pipeline.load_source(config.data, "test"), 40)
+    real, fake = extractor(train), extractor(test)
+    assert real["pool"].shape == (40, 2048) and np.isfinite(real["pool"]).all()
+    # Sharded batches of 16 with a padded last batch give the features of one image at a time.
+    single = extractor(train[37:38])["pool"][0]
+    np.testing.assert_allclose(real["pool"][37], single, rtol=1e-4, atol=1e-5)
+
+    figures = inception_metrics(("fid", "kid"), real, fake)
+    a, b = real["pool"].astype(np.float64), fake["pool"].astype(np.float64)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    direct = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s_a) + np.trace(s_b)
+              - 2 * np.trace(scipy.linalg.sqrtm(s_a @ s_b).real))
+    assert figures["fid"] == pytest.approx(direct, rel=1e-5)
+    assert figures["fid"] > 1.0  # held-out colour-shape pairs look different
+    # Zero up to float64 round-off of a rank-40 covariance in 2048 dimensions.
+    assert inception_metrics(("fid",), real, real)["fid"] == pytest.approx(0.0, abs=1e-3)
+
+    d = a.shape[1]
+    rng = np.random.default_rng(0)
+    kids = []
+    for _ in range(100):
+        x, y = a[rng.choice(40, 40, replace=False)], b[rng.choice(40, 40, replace=False)]
+        k = lambda u, v: (u @ v.T / d + 1) ** 3
+        kxx, kyy = k(x, x), k(y, y)
+        kids.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (40 * 39)
+                    - 2 * k(x, y).mean())
+    assert figures["kid"] == pytest.approx(np.mean(kids), rel=1e-6)
+
+
+def _run(module_or_script, *args):
+    is_module = not module_or_script.endswith(".py")
+    cmd = [sys.executable, *(["-m"] if is_module else []), module_or_script, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_training_evaluates_and_the_evaluate_command_reads_any_checkpoint(
+        tmp_path, shapes_data_dir, extractor):
+    """A tiny label-conditioned model: periodic evaluation during training writes metrics.jsonl
+    and eval.jsonl; `python -m ldm_jax.evaluate` samples a checkpoint and appends its table;
+    sample.py --out=DIR/ writes single PNGs that the folder comparison reads."""
+    from ldm_jax.training.loop import train
+    workdir = str(tmp_path / "wd")
+    labels = ("num_objects", "background", "color_0", "shape_0", "size_0", "position_0",
+              "color_1", "shape_1", "size_1", "position_1")
+    overrides = {"training.num_steps": 2, "model.label_keys": labels,
+                 "eval.every": 2, "eval.metrics": ("fid", "kid", "adherence"),
+                 "eval.num_samples": 16, "eval.batch_size": 8}
+    train(tiny_config(shapes_data_dir, **overrides), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2]
+    assert evals[0]["eval/fid"] > 0 and "eval/adherence_held_out/color" in evals[0]
+    assert tensorboard_steps(os.path.join(workdir, "tensorboard"), "eval/fid") == [2]
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        assert json.loads(f.readline())["source"] == "training"
+
+    out = _run("ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=fid,pr,adherence",
+               "--num=12", "--steps=3", "--guidance=2", "--batch_size=4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("fid", "precision", "recall", "adherence_seen/shape", "adherence_held_out/all"):
+        assert name in out.stdout, out.stdout
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        record = [json.loads(line) for line in f][-1]
+    assert record["source"] == "evaluate" and record["step"] == 2
+    assert record["sampling_steps"] == 3 and record["guidance"] == 2.0 and record["num"] == 12
+    assert 0 <= record["adherence_seen/all"] <= 1 and record["fid"] > 0
+
+    bad = _run("ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=psnr")
+    assert bad.returncode == 2 and "autoencoder workdirs only" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    folder = str(tmp_path / "samples") + "/"
+    out = _run("sample.py", f"--workdir={workdir}", "--num=10", "--steps=2", f"--out={folder}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(10)] + ["captions.txt"]
+    assert os.path.exists(str(tmp_path / "samples_grid.png"))
+    reference_dir = tmp_path / "reference"
+    reference_dir.mkdir()
+    from PIL import Image
+    from ldm_jax.data import pipeline
+    source = pipeline.load_source(tiny_config(shapes_data_dir).data, "train")
+    for i in range(12):
+        Image.fromarray(np.asarray(source[i]["image"])).save(reference_dir / f"{i}.png")
+    out = _run("ldm_jax.evaluate", f"--images={folder}", f"--reference={reference_dir}",
+               "--metrics=fid,kid")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fid" in out.stdout and "kid_std" in out.stdout
