@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax.convert.torch_files import load_torch_state_dict
 from ldm_jax.models.inception import abstract_params
 from ldm_jax.utils.paths import cache_root
 
@@ -196,16 +197,8 @@ def read_torchscript(path: str) -> dict:
 
 
 def read_pytorch_fid(path: str) -> dict:
-    import pickle
-    torch = _import_torch()
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a plain state dict of tensors; refusing to unpickle "
-                         f"anything else ({str(e).splitlines()[0]})") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict")
-    return sd
+    _import_torch()  # the one-line error naming the extra when torch is missing
+    return load_torch_state_dict(path)
 
 
 def fid_helper_torchscript_path() -> str | None:

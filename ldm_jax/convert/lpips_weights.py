@@ -21,6 +21,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.convert.torch_files import load_torch_state_dict
 from ldm_jax.models.lpips import LPIPS_CHANNELS, VGG16_BLOCKS, vgg_conv_name
 
 
@@ -52,16 +53,7 @@ def _read_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
         return {k: _to_numpy(v) for k, v in load_file(path).items()}
-    import pickle
-
-    import torch
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{what}: {path} is not a plain state dict of tensors; refusing to "
-                         f"unpickle anything else ({str(e).splitlines()[0]})") from None
-    if not isinstance(sd, dict):
-        raise ValueError(f"{what}: {path} holds a {type(sd).__name__}, not a state dict")
+    sd = load_torch_state_dict(path, what)
     return {k: _to_numpy(v) for k, v in sd.items()}
 
 
