@@ -352,15 +352,24 @@ def test_cli_train_then_reconstruct(tmp_path, shapes_data_dir):
         assert img.size == (2 + 2 * 66, 2 + 2 * 34) and img.mode == "RGB"
     r = run(["sample.py", f"--workdir={workdir}"])
     _one_line_error(r, "--reconstruct")
-    # The evaluation command reconstructs the held-out split: rFID against the originals.
-    r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=psnr,ssim,fid,kid",
-             "--num=12", "--batch_size=4"])
+    # The evaluation command reconstructs the held-out split: rFID against the originals, and
+    # LPIPS with the weights given (random VGG weights stand in for torchvision's here).
+    from ldm_jax.convert.lpips_weights import save_converted
+    from ldm_jax.models.lpips import LPIPS
+    x = jnp.zeros((1, 32, 32, 3))
+    lpips_file = save_converted(LPIPS().init(jax.random.PRNGKey(0), x, x)["params"],
+                                str(tmp_path / "lpips.safetensors"))
+    r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=psnr,ssim,lpips,fid",
+             "--num=12", "--batch_size=4", f"--lpips={lpips_file}"])
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(workdir, ae.EVAL_FILE)) as f:
         record = json.loads(f.readlines()[-1])
     assert record["source"] == "evaluate" and record["num"] == 12 and record["step"] == 2
     assert record["rfid"] > 0 and 0 < record["ssim"] < 1 and record["psnr"] > 0
-    assert "rfid" in r.stdout and "psnr" in r.stdout
+    assert record["lpips"] > 0
+    assert "rfid" in r.stdout and "lpips" in r.stdout
+    r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=lpips", "--num=4"])
+    _one_line_error(r, "--lpips=PATH")
 
 
 # ------------------------------------------------------------------ 7. the VQ variant
