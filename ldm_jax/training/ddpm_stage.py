@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ldm_jax.data import pipeline
 from ldm_jax.diffusion import guidance, objectives, schedules
 from ldm_jax.models.initializers import init_from_one_draw
 from ldm_jax.models.unet import UNet
@@ -30,6 +29,7 @@ def build_model(config, compute_dtype: str | None = None) -> UNet:
 
 def label_sizes(config) -> tuple:
     """Values per conditioning label (config.model.label_keys, in order); () if unconditional."""
+    from ldm_jax.data import pipeline  # building a model needs no input pipeline otherwise
     sizes = pipeline.label_sizes(config.data)
     return tuple(sizes[k] for k in config.model.label_keys)
 
