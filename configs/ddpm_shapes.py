@@ -12,6 +12,8 @@ base-16 U-Net gave no better samples for the same time; 8 norm groups and a (1, 
 channel multiplier had higher losses by step 200; conditioning on all ten labels
 (model.label_keys, guidance 3) followed the labels only loosely after 600 steps. Train
 longer with --config.training.num_steps=N.
+FID against the train split (1000 samples, DDPM 50 steps): 185.5 after 600 steps, 139.7 after
+2400 (two halves of the train split: 9.5); see the README's evaluation section.
 """
 from configs import ddpm_base
 
