@@ -176,3 +176,15 @@ def test_training_evaluates_and_the_evaluate_command_reads_any_checkpoint(
                "--metrics=fid,kid")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fid" in out.stdout and "kid_std" in out.stdout
+
+
+def test_inception_score_needs_the_classifier_head():
+    from ldm_jax.evaluation import distribution_metrics as dm
+    from ldm_jax.evaluation.evaluator import inception_metrics
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(30, 8))
+    with_head = {"pool": pool, "logits_unbiased": rng.normal(size=(30, 5)) * 2}
+    figures = inception_metrics(("is",), {"pool": pool}, with_head)
+    assert (figures["is"], figures["is_std"]) == dm.inception_score(with_head["logits_unbiased"])
+    with pytest.raises(ConfigError, match="classifier head"):
+        inception_metrics(("is",), {"pool": pool}, {"pool": pool})
