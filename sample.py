@@ -11,11 +11,12 @@ import sys
 from absl import flags
 
 from ldm_jax import cli
+from ldm_jax.diffusion.samplers import SAMPLERS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
 _NUM = flags.DEFINE_integer("num", 16, "Number of images.")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sampling.num_steps).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: the config's).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG (default: DIR/samples/sample_seed{seed}.png), "

@@ -70,7 +70,7 @@ def get_config():
                                      # were and is counted; False: the run stops at it
     )
     config.sampling = dict(
-        sampler="ddim",         # ddim | ddpm
+        sampler="ddim",         # ddpm | ddim | plms | dpmpp_2m | dpmpp_2m_sde | euler | euler_a
         num_steps=50,
         eta=0.0,
         spacing="leading",      # leading | trailing | linspace

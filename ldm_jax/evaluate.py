@@ -17,6 +17,7 @@ import sys
 from absl import flags
 
 from ldm_jax import cli
+from ldm_jax.diffusion.samplers import SAMPLERS
 from ldm_jax.training.metrics_logger import EVAL_FILE
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
@@ -27,7 +28,7 @@ _METRICS = flags.DEFINE_string("metrics", "fid", "Comma-separated: fid, kid, is,
                                "(autoencoders; fid is then rFID).")
 _NUM = flags.DEFINE_integer("num", 1000, "Images to draw or reconstruct (and reference images).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Sampler (default: the config's).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale for "
                                "label-conditioned models (default: the config's).")

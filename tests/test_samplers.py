@@ -272,7 +272,7 @@ def test_jit_traces_once(sampler):
 
 def test_bad_static_arguments_raise():
     s = sch.make_schedule("linear", 10)
-    for kw, names in ((dict(sampler="euler"), ("ddpm", "ddim")),
+    for kw, names in ((dict(sampler="heun"), ("ddpm", "ddim", "plms", "euler")),
                       (dict(parameterization="score"), ("eps", "x0", "v")),
                       (dict(spacing="karras"), ("leading", "trailing", "linspace")),
                       (dict(sampler="ddpm", ddpm_variance="learned"), ("fixed_small",))):

@@ -154,3 +154,18 @@ def diffusion_loss(apply_fn, schedule: Schedule, x0, rng, parameterization="eps"
     w = loss_weight(snr(coef_schedule, t), parameterization, weighting, snr_gamma)
     per_example = w * mse
     return jnp.mean(per_example), per_example
+
+
+def make_denoiser(parameterization, clip_denoised=False, clip_range=1.0):
+    """fn(x_t, model_output, sa, s1a) -> (x0, eps), x0 optionally clipped to
+    [-clip_range, clip_range] with eps recomputed so the pair still gives x_t."""
+    _check_parameterization(parameterization)
+
+    def denoise(x_t, model_output, sa, s1a):
+        x0, eps = x0_eps_from_output(parameterization, x_t, model_output, sa, s1a)
+        if clip_denoised:
+            x0 = jnp.clip(x0, -clip_range, clip_range)
+            eps = eps_from_x0(x_t, x0, sa, s1a)
+        return x0, eps
+
+    return denoise

@@ -1,4 +1,13 @@
-"""Strided ancestral sampling: DDPM (Ho et al. 2020) and DDIM (Song et al. 2021).
+"""Sampling entry point. DDPM (Ho et al. 2020) and DDIM (Song et al. 2021) live
+here; the other samplers, each matching a diffusers scheduler, have their own
+modules and are dispatched to by `sample`:
+  plms            plms.py        PNDMScheduler(skip_prk_steps=True)
+  dpmpp_2m        dpm_solver.py  DPMSolverMultistepScheduler, 'dpmsolver++', order 2
+  dpmpp_2m_sde    dpm_solver.py  the same with 'sde-dpmsolver++'
+  euler           euler.py       EulerDiscreteScheduler
+  euler_a         euler.py       EulerAncestralDiscreteScheduler
+`sampler_timesteps` lists where each evaluates the model. The rest of this
+docstring is about DDPM and DDIM.
 
 Both samplers walk a descending subsequence tau_{n-1} > ... > tau_0 of the
 training timesteps. Step k goes from tau_k to tau_{k-1}; the last step (k = 0)
@@ -28,33 +37,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, eps_from_x0,
+from ldm_jax.diffusion import dpm_solver, plms
+from ldm_jax.diffusion.euler import sample_euler
+from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, eps_from_x0, make_denoiser,
                                           x0_eps_from_output)
 from ldm_jax.diffusion.schedules import Schedule
+from ldm_jax.diffusion.timesteps import SPACINGS, ddim_grid
 
-SAMPLERS = ("ddpm", "ddim")
-SPACINGS = ("leading", "trailing", "linspace")
+SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
-
-
-def _round_div(a, b):
-    """round(a / b) for non-negative integers, ties to even; numpy or jnp."""
-    q = a // b
-    r = a - q * b
-    up = (2 * r > b) | ((2 * r == b) & (q % 2 == 1))
-    return q + up.astype(q.dtype)
 
 
 def _timestep(k, n, T, spacing, steps_offset):
     """tau_k (ascending index k) for n steps; works on numpy and traced ints."""
-    if spacing == "leading":
-        return k * (T // n) + steps_offset
-    if spacing == "trailing":
-        return _round_div((k + 1) * T, n) - 1
-    if spacing == "linspace":
-        # (n - 1) + (n == 1): a divisor of 1 when n == 1, for numpy and jnp alike.
-        return _round_div(k * (T - 1), (n - 1) + (n == 1))
-    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+    return ddim_grid(k, n, T, spacing, steps_offset)
 
 
 def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
@@ -69,6 +65,21 @@ def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
     if ts.min() < 0 or ts.max() >= T:
         raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {T})")
     return ts[::-1].astype(np.int64)
+
+
+def sampler_timesteps(sampler, num_timesteps, num_steps, spacing="leading", steps_offset=0):
+    """Timesteps at which `sample` evaluates the model, in order (diffusers'
+    `scheduler.timesteps` for the corresponding scheduler)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler == "plms":
+        ddim_timesteps(num_timesteps, num_steps, spacing, steps_offset)  # validates
+        return plms.eval_timesteps(num_timesteps, num_steps, spacing, steps_offset)
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+        return dpm_solver.eval_timesteps(num_timesteps, num_steps, spacing, steps_offset)
+    return ddim_timesteps(num_timesteps, num_steps, spacing, steps_offset)
 
 
 def _check_static(sampler, parameterization, spacing, ddpm_variance):
@@ -98,6 +109,14 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
     is the same process as DDPM 'fixed_small' and, given the same rng and
     steps, returns the same samples up to rounding.
 
+    The other samplers (see the module docstring) take the same arguments;
+    they ignore eta and ddpm_variance (their stochasticity is fixed), and only
+    'plms' uses final_alpha_cumprod (1.0 is diffusers' set_alpha_to_one=True,
+    None its False). With clip_denoised each clips its x0 prediction, which
+    diffusers' schedulers do not do. Noise: x_T from init_rng as above (the
+    Euler samplers multiply it by diffusers' init_noise_sigma); the stochastic
+    samplers draw the noise of step i from fold_in(step_rng, i).
+
     Returns the final x (the x0 samples) of `shape` and `dtype`.
     """
     _check_static(sampler, parameterization, spacing, ddpm_variance)
@@ -114,6 +133,19 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
     eta = jnp.asarray(eta, dtype)
     offset = jnp.asarray(steps_offset, jnp.int32)
     init_rng, step_rng = jax.random.split(rng)
+    if sampler not in ("ddpm", "ddim"):
+        noise = jax.random.normal(init_rng, shape, dtype)
+        denoise = make_denoiser(parameterization, clip_denoised, clip_range)
+        common = dict(num_steps=num_steps, spacing=spacing, steps_offset=steps_offset,
+                      denoise=denoise, dtype=dtype, use_python_loop=use_python_loop)
+        if sampler == "plms":
+            return plms.sample_plms(model_fn, schedule, noise, sa_final=sa_final,
+                                    s1a_final=s1a_final, **common)
+        if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+            return dpm_solver.sample_dpmpp_2m(model_fn, schedule, noise, step_rng,
+                                              sde=sampler == "dpmpp_2m_sde", **common)
+        return sample_euler(model_fn, schedule, noise, step_rng,
+                            ancestral=sampler == "euler_a", **common)
 
     def body(i, x):
         i = jnp.asarray(i, jnp.int32)
