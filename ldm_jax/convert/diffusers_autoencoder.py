@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ldm_jax.convert.diffusers_unet2d import _convert_leaf, _normalise_keys
+from ldm_jax.convert.diffusers_unet2d import _convert_leaf, normalise_keys
 from ldm_jax.models.autoencoder import AutoencoderKL, downsampling_factor
 
 # AutoencoderKL.__init__ defaults for the config keys we read (a config.json may omit them).
@@ -134,7 +134,7 @@ def autoencoder_kl_state_dict_to_params(state_dict: dict, model_kwargs: dict) ->
     """Flax params for `AutoencoderKL(**model_kwargs)` from a diffusers AutoencoderKL state dict
     (name -> torch tensor or array). Raises KeyError naming a missing source key, ValueError
     naming a mis-shaped or unused one."""
-    sd = _linear_attention_weights(_normalise_keys(state_dict))
+    sd = _linear_attention_weights(normalise_keys(state_dict))
     shapes = traverse_util.flatten_dict(expected_param_shapes(model_kwargs))
     num_levels = len(AutoencoderKL(**model_kwargs).ch_mult)
     used: set[str] = set()

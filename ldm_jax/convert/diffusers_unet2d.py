@@ -105,7 +105,7 @@ def unet2d_config_to_model_kwargs(diffusers_config: dict, image_size: int | None
     }
 
 
-def _source_module(path: tuple[str, ...], num_levels: int) -> str:
+def source_module(path: tuple[str, ...], num_levels: int) -> str:
     """diffusers module prefix for one of our module paths (top-level name + submodules)."""
     top, *rest = path
     patterns = (
@@ -128,7 +128,7 @@ def _source_module(path: tuple[str, ...], num_levels: int) -> str:
     raise KeyError(f"no diffusers counterpart for our module {'/'.join(path)}")
 
 
-def _normalise_keys(state_dict: dict) -> dict:
+def normalise_keys(state_dict: dict) -> dict:
     out = {}
     for key, value in state_dict.items():
         parts = key.split(".")
@@ -184,7 +184,7 @@ def unet2d_state_dict_to_params(state_dict: dict, *, num_res_blocks: int, channe
     Base width and in/out channels are read from conv_in / conv_out. Raises KeyError naming
     a missing source key, ValueError naming a mis-shaped or unused one.
     """
-    sd = _normalise_keys(state_dict)
+    sd = normalise_keys(state_dict)
     if "conv_in.weight" not in sd or "conv_out.weight" not in sd:
         raise KeyError("state dict lacks conv_in.weight or conv_out.weight; is it a UNet2DModel?")
     base, in_ch = sd["conv_in.weight"].shape[:2]
@@ -210,7 +210,7 @@ def unet2d_state_dict_to_params(state_dict: dict, *, num_res_blocks: int, channe
     flat = {}
     for path, shape in shapes.items():
         module, leaf = path[:-1], path[-1]
-        prefix = _source_module(tuple(p for p in module if p not in ("qkv", "proj_out")),
+        prefix = source_module(tuple(p for p in module if p not in ("qkv", "proj_out")),
                                 len(channel_mult))
         # jnp.array always copies, so the result never aliases the caller's (e.g. torch) buffers.
         flat[path] = jnp.array(_convert_leaf(prefix, module, leaf, shape, fetch(prefix)))

@@ -1,4 +1,5 @@
-"""Integer labels -> one vector added to the U-Net's time embedding (ADM-style class conditioning).
+"""Integer labels -> one vector added to the U-Net's time embedding (ADM-style class conditioning);
+and `VectorEmbedding`, the same for a real-valued conditioning vector.
 
 A model may be conditioned on several labels at once (the shapes dataset has ten: background,
 and colour, shape, size and position of each object). Each label has its own table; the rows
@@ -12,6 +13,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from ldm_jax.models.initializers import lecun_normal
 
 ABSENT = -1
 DROPPED = -2
@@ -35,3 +38,17 @@ class LabelEmbedding(nn.Module):
                              embedding_init=init, name=f"label{i}")
             out = out + table(labels[:, i] + _OFFSET)
         return out
+
+
+class VectorEmbedding(nn.Module):
+    """A conditioning vector (B, D) -> Dense, SiLU, Dense -> added to the time embedding, as the
+    time embedding itself is made (e.g. a noise-level or image embedding)."""
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, vector):
+        h = nn.Dense(self.features, dtype=self.dtype, kernel_init=lecun_normal, name="dense1")(
+            vector.astype(self.dtype))
+        return nn.Dense(self.features, dtype=self.dtype, kernel_init=lecun_normal,
+                        name="dense2")(nn.silu(h))
