@@ -79,6 +79,9 @@ def get_config():
         clip_denoised=True,
         use_ema=True,
         guidance_scale=1.0,     # conditional models: classifier-free guidance; 1 = none
+        guidance_rescale=0.0,   # 0..1: pull the guided output's std towards the conditional one's
+        set_alpha_to_one=True,  # the last DDIM/PLMS step lands on alpha_bar = 1 (diffusers'
+                                # set_alpha_to_one); False: on alpha_bar[0], as CompVis and SD do
     )
     config.eval = eval_base.eval_section(("fid",))
     return config

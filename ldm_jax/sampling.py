@@ -34,7 +34,8 @@ def make_sample_fn(model, schedule, sampling_config, parameterization: str, shap
 
     def model_fn(params, x, t, labels, scale):
         if guided:
-            return guidance.guided_output(lambda *a: apply(params, *a), x, t, labels, scale)
+            return guidance.guided_output(lambda *a: apply(params, *a), x, t, labels, scale,
+                                          s.guidance_rescale)
         return apply(params, x, t, labels)
 
     def run(params, rng, num_steps, eta, labels=None, scale=1.0):
@@ -42,7 +43,8 @@ def make_sample_fn(model, schedule, sampling_config, parameterization: str, shap
                                sampler=s.sampler, num_steps=num_steps, eta=eta,
                                parameterization=parameterization, clip_denoised=s.clip_denoised,
                                spacing=s.spacing, steps_offset=s.steps_offset,
-                               ddpm_variance=s.ddpm_variance)
+                               ddpm_variance=s.ddpm_variance,
+                               final_alpha_cumprod=1.0 if s.set_alpha_to_one else None)
 
     if mesh is None:
         return jax.jit(run)

@@ -27,6 +27,9 @@ def validate(config) -> None:
     one_of(config.sampling.sampler, samplers.SAMPLERS, "sampling.sampler")
     one_of(config.sampling.spacing, samplers.SPACINGS, "sampling.spacing")
     one_of(config.sampling.ddpm_variance, samplers.DDPM_VARIANCES, "sampling.ddpm_variance")
+    if not 0.0 <= config.sampling.guidance_rescale <= 1.0:
+        raise ConfigError(f"sampling.guidance_rescale={config.sampling.guidance_rescale} must be "
+                          "in [0, 1] (0: plain guidance)")
     try:
         check_input_size(config.data.image_size, config.model.channel_mult,
                          config.model.attention_resolutions)
