@@ -58,6 +58,8 @@ def evaluate_workdir(workdir, metrics, num, overrides: dict, seed=0, step=None, 
                      inception=None, lpips=None, reference_split="train", split="validation",
                      batch_size=64) -> tuple[dict, list]:
     """(record appended to eval.jsonl, notes)."""
+    import jax
+
     from ldm_jax import config_utils, parallel
     from ldm_jax.evaluation.evaluator import Evaluator
     if not os.path.isdir(workdir):
@@ -84,7 +86,6 @@ def evaluate_workdir(workdir, metrics, num, overrides: dict, seed=0, step=None, 
         record.update(sampler=s.sampler, sampling_steps=s.num_steps,
                       guidance=s.guidance_scale if config.model.label_keys else None)
     record.update(results)
-    import jax
     if jax.process_index() == 0:
         with open(os.path.join(workdir, EVAL_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -65,8 +65,12 @@ def _tiny_items(data_dir, overrides):
 def tiny_config(data_dir: str, **overrides):
     """Tiny config object; overrides as {"training.num_steps": 4} (dotted keys)."""
     from configs import ddpm_shapes
-    config = ddpm_shapes.get_config()
-    for dotted, value in _tiny_items(data_dir, overrides).items():
+    return set_fields(ddpm_shapes.get_config(), _tiny_items(data_dir, overrides))
+
+
+def set_fields(config, items: dict):
+    """Set {"a.b": value} fields of a ConfigDict in place; returns it."""
+    for dotted, value in items.items():
         *parents, leaf = dotted.split(".")
         node = config
         for p in parents:

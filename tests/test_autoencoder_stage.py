@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT  # noqa: F401 (conftest also sets up the 8 fake devices)
+from conftest import ROOT, set_fields  # noqa: F401 (conftest also sets up the 8 fake devices)
 from ldm_jax import config_utils
 from ldm_jax.config_checks import ConfigError
 from ldm_jax.evaluation.image_metrics import psnr
@@ -53,14 +53,7 @@ def _items(data_dir, overrides):
 def tiny_ae_config(data_dir: str = "", **overrides):
     """The tiny autoencoder config; overrides as {"loss.disc_start": 2} (dotted keys)."""
     from configs import autoencoder_kl_f8_shapes
-    config = autoencoder_kl_f8_shapes.get_config()
-    for dotted, value in _items(data_dir, overrides).items():
-        *parents, leaf = dotted.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return set_fields(autoencoder_kl_f8_shapes.get_config(), _items(data_dir, overrides))
 
 
 def tiny_ae_cli_args(data_dir: str, **overrides) -> list:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.loop import run_steps
-from ldm_jax.diffusion.timesteps import dpm_grid
+from ldm_jax.diffusion.timesteps import dpm_grid, traced_grid
 
 
 def eval_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
@@ -36,8 +36,7 @@ def sample_dpmpp_2m(model_fn, schedule, noise, step_rng, *, num_steps, spacing, 
     n = jnp.asarray(num_steps, jnp.int32)
     batch = noise.shape[0]
 
-    def grid(k):
-        return jnp.clip(dpm_grid(k, n, jnp.int32(T), spacing, jnp.asarray(steps_offset, jnp.int32)), 0, T - 1)
+    grid = traced_grid(dpm_grid, n, T, spacing, steps_offset)
 
     def body(i, carry):
         x, m_prev, h_prev = carry

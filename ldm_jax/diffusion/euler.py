@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.loop import run_steps
-from ldm_jax.diffusion.timesteps import ddim_grid
+from ldm_jax.diffusion.timesteps import ddim_grid, traced_grid
 
 
 def sample_euler(model_fn, schedule, noise, step_rng, *, num_steps, spacing, steps_offset,
@@ -32,8 +32,7 @@ def sample_euler(model_fn, schedule, noise, step_rng, *, num_steps, spacing, ste
     n = jnp.asarray(num_steps, jnp.int32)
     batch = noise.shape[0]
 
-    def grid(k):
-        return jnp.clip(ddim_grid(k, n, jnp.int32(T), spacing, jnp.asarray(steps_offset, jnp.int32)), 0, T - 1)
+    grid = traced_grid(ddim_grid, n, T, spacing, steps_offset)
 
     def body(i, y):
         i = jnp.asarray(i, jnp.int32)

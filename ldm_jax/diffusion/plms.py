@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.loop import run_steps
-from ldm_jax.diffusion.timesteps import ddim_grid
+from ldm_jax.diffusion.timesteps import ddim_grid, traced_grid
 
 # Row j: weights on the last four stored outputs (oldest first) for
 # j = 0: the averaging re-step (eval 1); j = 1..4: Adams-Bashforth order j.
@@ -53,11 +53,13 @@ def sample_plms(model_fn, schedule, noise, *, num_steps, spacing, steps_offset, 
     r = T // n
     batch = noise.shape[0]
 
+    grid = traced_grid(ddim_grid, n, T, spacing, steps_offset)
+
     def body(i, carry):
         x, saved, outs = carry
         i = jnp.asarray(i, jnp.int32)
         k = n - 1 - i + (i >= 2).astype(jnp.int32)
-        t = jnp.clip(ddim_grid(k, n, jnp.int32(T), spacing, jnp.asarray(steps_offset, jnp.int32)), 0, T - 1)
+        t = grid(k)
         out = model_fn(x, jnp.full((batch,), t, jnp.int32)).astype(dtype)
         appended = jnp.concatenate([outs[1:], out[None]], axis=0)
         restep = i == 1

@@ -42,15 +42,10 @@ from ldm_jax.diffusion.euler import sample_euler
 from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, eps_from_x0, make_denoiser,
                                           x0_eps_from_output)
 from ldm_jax.diffusion.schedules import Schedule
-from ldm_jax.diffusion.timesteps import SPACINGS, ddim_grid
+from ldm_jax.diffusion.timesteps import SPACINGS, ddim_grid, traced_grid
 
 SAMPLERS = ("ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_a")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
-
-
-def _timestep(k, n, T, spacing, steps_offset):
-    """tau_k (ascending index k) for n steps; works on numpy and traced ints."""
-    return ddim_grid(k, n, T, spacing, steps_offset)
 
 
 def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
@@ -61,7 +56,7 @@ def ddim_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
     if not 1 <= n <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {n}")
     k = np.arange(n, dtype=np.int64)
-    ts = _timestep(k, np.int64(n), np.int64(T), spacing, np.int64(steps_offset))
+    ts = ddim_grid(k, np.int64(n), np.int64(T), spacing, np.int64(steps_offset))
     if ts.min() < 0 or ts.max() >= T:
         raise ValueError(f"timesteps {ts.min()}..{ts.max()} fall outside [0, {T})")
     return ts[::-1].astype(np.int64)
@@ -131,7 +126,6 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
         ab_final = jnp.asarray(final_alpha_cumprod, dtype)
         sa_final, s1a_final = jnp.sqrt(ab_final), jnp.sqrt(1 - ab_final)
     eta = jnp.asarray(eta, dtype)
-    offset = jnp.asarray(steps_offset, jnp.int32)
     init_rng, step_rng = jax.random.split(rng)
     if sampler not in ("ddpm", "ddim"):
         noise = jax.random.normal(init_rng, shape, dtype)
@@ -147,14 +141,12 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
         return sample_euler(model_fn, schedule, noise, step_rng,
                             ancestral=sampler == "euler_a", **common)
 
+    grid = traced_grid(ddim_grid, num_steps, T, spacing, steps_offset)
+
     def body(i, x):
         i = jnp.asarray(i, jnp.int32)
-        n = jnp.asarray(num_steps, jnp.int32)
-        k = n - 1 - i
-        # Out-of-range timesteps (bad offset) are clamped rather than wrapped.
-        t = jnp.clip(_timestep(k, n, jnp.int32(T), spacing, offset), 0, T - 1)
-        t_prev = jnp.clip(_timestep(jnp.maximum(k - 1, 0), n, jnp.int32(T), spacing, offset),
-                          0, T - 1)
+        k = jnp.asarray(num_steps, jnp.int32) - 1 - i
+        t, t_prev = grid(k), grid(jnp.maximum(k - 1, 0))
         sa, s1a = sa_all[t], s1a_all[t]
         sa_prev = jnp.where(k > 0, sa_all[t_prev], sa_final)
         s1a_prev = jnp.where(k > 0, s1a_all[t_prev], s1a_final)

@@ -17,6 +17,8 @@ Rounding is exact integer arithmetic, ties to even.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -53,3 +55,11 @@ def dpm_grid(k, n, T, spacing, steps_offset):
     if spacing == "linspace":
         return round_div((k + 1) * (T - 1), n)
     raise _bad_spacing(spacing)
+
+
+def traced_grid(grid, num_steps, num_timesteps, spacing, steps_offset):
+    """k -> the grid's timestep for ascending index k, with a traced step count and offset,
+    clamped to [0, T) (a bad offset clamps rather than wraps)."""
+    n, T = jnp.asarray(num_steps, jnp.int32), int(num_timesteps)
+    offset = jnp.asarray(steps_offset, jnp.int32)
+    return lambda k: jnp.clip(grid(k, n, jnp.int32(T), spacing, offset), 0, T - 1)
