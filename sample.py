@@ -2,6 +2,7 @@
 
 python sample.py --workdir=DIR --num=16 --steps=50 --sampler=ddim --seed=0 --out=samples.png
 python sample.py --workdir=AUTOENCODER_DIR --reconstruct --num=16 --split=validation
+python sample.py --workdir=LDM_DIR --prompt="a large red circle in the center on a gray background"
 
 What it does depends on the workdir's stage: diffusion stages draw new images, an autoencoder
 reconstructs held-out images (input | reconstruction pairs) and prints PSNR/SSIM.
@@ -14,7 +15,8 @@ from ldm_jax import cli
 from ldm_jax.diffusion.samplers import SAMPLERS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by train.py.")
-_NUM = flags.DEFINE_integer("num", 16, "Number of images.")
+_NUM = flags.DEFINE_integer("num", None, "Number of images (default 16; with --prompt or "
+                            "--class, one per value given; fewer values are repeated).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's sampling.num_steps).")
 _SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler (default: the config's).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's).")
@@ -35,9 +37,35 @@ _LATENT_SCALE = flags.DEFINE_bool("latent_scale", False, "Autoencoder workdirs: 
                                   "it as WORKDIR/latent_scale.json.")
 _RECONSTRUCT = flags.DEFINE_bool("reconstruct", False, "Autoencoder workdirs: reconstruct --num "
                                  "images of --split and report PSNR/SSIM.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Text-conditioned models: a prompt "
+                                    "(repeat the flag for several).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Text-conditioned models: a file with "
+                                   "one prompt per line.")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Text-conditioned models: what the "
+                                "guidance steers away from (default: the empty prompt).")
+_CLASS = flags.DEFINE_multi_string("class", None, "Label-conditioned models: a class, as a "
+                                   "number or name (repeatable); several labels as key=value,...")
+_INIT_IMAGE = flags.DEFINE_string("init_image", None, "Latent models: the picture img2img starts "
+                                  "from, inpainting repaints, or super-resolution enlarges.")
+_STRENGTH = flags.DEFINE_float("strength", None, "img2img: how much of the sampling runs from "
+                               "--init_image (0 keeps it, 1 ignores it; default 0.8).")
+_MASK = flags.DEFINE_string("mask", None, "Inpainting: a mask picture, white where to repaint.")
 _CAPTION = flags.DEFINE_string("caption", None, "Label-conditioned shapes models: draw every "
                                "image from this caption, e.g. 'a large red circle in the center "
                                "on a gray background'.")
+
+
+def _prompts():
+    prompts = list(_PROMPT.value or [])
+    if _PROMPT_FILE.value:
+        try:
+            with open(_PROMPT_FILE.value) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            cli.fail(f"--prompt_file={_PROMPT_FILE.value} cannot be read ({e.strerror})")
+        if not prompts:
+            cli.fail(f"--prompt_file={_PROMPT_FILE.value} holds no prompt (one per line)")
+    return prompts or None
 
 
 def main(argv):
@@ -51,7 +79,10 @@ def main(argv):
                "eta": _ETA.value, "seed": _SEED.value, "out": _OUT.value,
                "raw_params": _RAW.value, "step": _STEP.value, "guidance": _GUIDANCE.value,
                "split": _SPLIT.value, "caption": _CAPTION.value,
-               "reconstruct": _RECONSTRUCT.value, "latent_scale": _LATENT_SCALE.value}
+               "reconstruct": _RECONSTRUCT.value, "latent_scale": _LATENT_SCALE.value,
+               "prompts": _prompts(), "negative_prompt": _NEGATIVE.value,
+               "classes": _CLASS.value, "init_image": _INIT_IMAGE.value,
+               "strength": _STRENGTH.value, "mask": _MASK.value}
     with cli.readable_errors():
         config = config_utils.load_config(_WORKDIR.value)
         line = config_utils.stage_module(config.stage).sample(_WORKDIR.value, config, options)

@@ -19,6 +19,7 @@ setup(
         "pillow",
         "tqdm",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "tokenizers>=0.20",   # caption vocabularies trained locally; CLIP's BPE files read locally
     ],
     extras_require={
         # torch only as the reference in equivalence tests, benchmarks and weight converters.

@@ -18,6 +18,7 @@ CONFIG_FILE = "config.json"
 STAGES = {
     "ddpm": "ldm_jax.stages.ddpm",
     "autoencoder": "ldm_jax.stages.autoencoder",
+    "ldm": "ldm_jax.stages.ldm",
 }
 
 

@@ -69,12 +69,15 @@ def evaluate_workdir(workdir, metrics, num, overrides: dict, seed=0, step=None, 
     for key, value in overrides.items():
         if value is not None:
             config.sampling[key] = value
-    if overrides.get("guidance_scale") is not None and not config.model.get("label_keys"):
+    conditional = bool(config.model.get("label_keys")) or bool(
+        config.get("conditioning", {}).get("text"))
+    if overrides.get("guidance_scale") is not None and not conditional:
         raise config_utils.ConfigError("--guidance: this model is unconditional; drop the flag")
     config_utils.validate(config)
     stage = config_utils.stage_module(config.stage)
     mesh = parallel.make_mesh()
-    maker = stage.image_maker(config, mesh, **({"lpips_path": lpips} if lpips else {}))
+    maker = stage.image_maker(config, mesh, workdir=workdir,
+                              **({"lpips_path": lpips} if lpips else {}))
     evaluator = Evaluator(config, mesh, maker, metrics, num, inception, reference_split, split,
                           batch_size)  # checks the metrics before the checkpoint is read
     params, trained = stage.load_for_evaluation(workdir, config, mesh, step, use_ema)
@@ -84,7 +87,7 @@ def evaluate_workdir(workdir, metrics, num, overrides: dict, seed=0, step=None, 
     if maker.kind == "samples":
         s = config.sampling
         record.update(sampler=s.sampler, sampling_steps=s.num_steps,
-                      guidance=s.guidance_scale if config.model.label_keys else None)
+                      guidance=s.guidance_scale if conditional else None)
     record.update(results)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, EVAL_FILE), "a") as f:

@@ -23,6 +23,14 @@ def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | No
     model = ddpm_stage.build_model(config)
     abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(config, model, _NO_OPTIMIZER, k),
                               jax.random.PRNGKey(0)).params
+    params, step = checkpoint_params(workdir, abstract, mesh, use_ema, step)
+    return model, params, step
+
+
+def checkpoint_params(workdir: str, abstract, mesh, use_ema: bool = True,
+                      step: int | None = None):
+    """(params, step): the EMA or raw params of `abstract`'s structure from checkpoint `step`
+    (default latest), replicated on `mesh`."""
     abstract = abstract_with_sharding(abstract, parallel.state_sharding(mesh, abstract))
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     step = ckpt.latest_step() if step is None else step
@@ -32,18 +40,27 @@ def load_params(workdir: str, config, mesh, use_ema: bool = True, step: int | No
                                 f"choose --step from {sorted(available)}")
     params = ckpt.restore_subtree("ema_params" if use_ema else "params", abstract, step)
     ckpt.close()
-    return model, params, step
+    return params, step
+
+
+def check_trained(workdir: str) -> None:
+    """FileNotFoundError unless `workdir` holds a complete checkpoint."""
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or \
+            Checkpointer(workdir, async_save=False, read_only=True).latest_step() is None:
+        raise FileNotFoundError(f"workdir {workdir!r} has no complete checkpoint yet; train first "
+                                "(checkpoints are written every training.checkpoint_every steps)")
 
 
 def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
                         sampler: str | None = None, eta: float | None = None, seed: int = 0,
                         out: str | None = None, use_ema: bool | None = None, step: int | None = None,
                         guidance: float | None = None, split: str = "train",
-                        caption: str | None = None):
+                        caption: str | None = None, classes=None):
     """Write a grid of `num` samples; returns (path, seconds spent sampling).
 
     A label-conditioned model samples with the labels of the first `num` records of `split`,
-    or with those `caption` describes, under classifier-free guidance `guidance` (default:
+    or with those `caption` describes, or those of `classes` (sample.py's --class values),
+    under classifier-free guidance `guidance` (default:
     the config's); their captions go to a .txt beside the PNG."""
     if out is not None:
         from ldm_jax.utils.image_grid import check_output_path
@@ -51,10 +68,7 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a train.py run")
     config = config_utils.load_config(workdir)
-    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)) or \
-            Checkpointer(workdir, async_save=False, read_only=True).latest_step() is None:
-        raise FileNotFoundError(f"workdir {workdir!r} has no complete checkpoint yet; train first "
-                                "(checkpoints are written every training.checkpoint_every steps)")
+    check_trained(workdir)
     if sampler:
         config.sampling.sampler = sampler
     if guidance is not None:
@@ -72,8 +86,18 @@ def sample_from_workdir(workdir: str, num: int = 16, steps: int | None = None,
     use_ema = config.sampling.use_ema if use_ema is None else use_ema
     model, params, trained_steps = load_params(workdir, config, mesh, use_ema, step)
     schedule = ddpm_stage.build_schedule(config)
-    labels, captions = sampling_labels(config, num, pipeline.split_name(config.data, split),
-                                       caption)
+    if classes:
+        if not config.model.label_keys:
+            raise config_utils.ConfigError("--class: this model is unconditional "
+                                           "(model.label_keys is empty); drop the flag")
+        if caption is not None:
+            raise config_utils.ConfigError("--class and --caption both choose the labels; "
+                                           "pass one")
+        from ldm_jax.data.conditioning import class_labels
+        labels, captions = class_labels(config, [classes[i % len(classes)] for i in range(num)])
+    else:
+        labels, captions = sampling_labels(config, num,
+                                           pipeline.split_name(config.data, split), caption)
     sample_fn = sampling.make_sample_fn(model, schedule, config.sampling,
                                         config.diffusion.parameterization,
                                         ddpm_stage.image_shape(config, num), mesh,

@@ -40,3 +40,66 @@ def sampling_labels(config, num: int, split: str = "train", caption: str | None 
                 else ", ".join(f"{k}={v}" for k, v in zip(keys, row))
                 for r, row in zip(records, labels)]
     return labels, captions
+
+
+def value_names(data_name: str, key: str):
+    """The names of a label's values (index -> name), or None where the values are numbers."""
+    if data_name == "shapes":
+        from ldm_jax.data import shapes
+        for prefix, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES),
+                              ("size", shapes.SIZES), ("position", shapes.POSITIONS),
+                              ("background", shapes.BACKGROUNDS)):
+            if key.startswith(prefix):
+                return names
+    if data_name == "cifar10" and key == "label":
+        return ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                "ship", "truck")
+    return None
+
+
+def class_labels(config, classes):
+    """--class values -> (labels (N, K) int32, names). A model with one label takes its value
+    as a number or a name (`3`, `triangle`); one with several takes `key=value` pairs joined
+    by commas, every label named (`color_0=red,shape_0=circle`)."""
+    keys = tuple(config.model.label_keys)
+    sizes = pipeline.label_sizes(config.data)
+    rows, names = [], []
+    for text in classes:
+        pairs = [p.split("=", 1) for p in str(text).split(",")] if "=" in str(text) else None
+        if pairs is None:
+            if len(keys) != 1:
+                raise ConfigError(f"--class={text}: this model has {len(keys)} labels; write "
+                                  f"them as key=value pairs joined by commas ({', '.join(keys)})")
+            pairs = [(keys[0], str(text))]
+        given = {k.strip(): v.strip() for k, v in pairs}
+        unknown = sorted(set(given) - set(keys))
+        missing = [k for k in keys if k not in given]
+        if unknown or missing:
+            raise ConfigError(f"--class={text}: " + (f"unknown labels {unknown}; " if unknown
+                              else "") + (f"missing {missing}; " if missing else "")
+                              + f"this model's labels are {list(keys)}")
+        row = [_label_value(config.data.name, k, given[k], sizes[k], text) for k in keys]
+        rows.append(row)
+        named = [_value_name(config.data.name, k, v) for k, v in zip(keys, row)]
+        names.append(named[0] if len(keys) == 1 else
+                     ", ".join(f"{k}={n}" for k, n in zip(keys, named)))
+    return np.asarray(rows, np.int32), names
+
+
+def _label_value(data_name, key, value: str, size: int, text) -> int:
+    names = value_names(data_name, key)
+    if value.lstrip("-").isdigit():
+        index = int(value)
+    elif names is not None and value in names:
+        return names.index(value)
+    else:
+        choices = f"0..{size - 1}" + (f" or one of {list(names)}" if names else "")
+        raise ConfigError(f"--class={text}: {key}={value!r} is not {choices}")
+    if not 0 <= index < size:
+        raise ConfigError(f"--class={text}: {key}={index} is outside 0..{size - 1}")
+    return index
+
+
+def _value_name(data_name, key, index: int) -> str:
+    names = value_names(data_name, key)
+    return names[index] if names is not None else str(index)

@@ -63,14 +63,16 @@ def stack_labels(element, label_keys) -> np.ndarray:
 
 class _LoadAndPreprocess(grain.transforms.Map):
     """Global stream index -> float32 image in [-1, 1] (optionally flipped), plus the labels
-    named in `label_keys` stacked into one int32 vector under 'labels'.
+    named in `label_keys` stacked into one int32 vector under 'labels', plus what
+    `record_fields(record)` returns (e.g. caption tokens).
 
     The flip is drawn from (seed, global index), so it does not depend on the process layout.
     """
 
-    def __init__(self, stream, random_flip: bool, seed: int, label_keys=()):
+    def __init__(self, stream, random_flip: bool, seed: int, label_keys=(), record_fields=None):
         self.stream, self.random_flip, self.seed = stream, random_flip, seed
         self.label_keys = tuple(label_keys)
+        self.record_fields = record_fields
 
     def map(self, g: int):
         element = self.stream[g]
@@ -80,11 +82,14 @@ class _LoadAndPreprocess(grain.transforms.Map):
         out = {_IMAGE_KEY: image}
         if self.label_keys:
             out["labels"] = stack_labels(element, self.label_keys)
+        if self.record_fields is not None:
+            out.update(self.record_fields(element))
         return out
 
 
 def make_train_iterator(source, data_config, global_batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1, label_keys=()):
+                        process_index: int = 0, process_count: int = 1, label_keys=(),
+                        record_fields=None):
     """A checkpointable iterator of this process's share of each global batch (numpy dicts)."""
     if global_batch_size % process_count:
         raise ValueError(f"batch size {global_batch_size} is not divisible by {process_count} processes")
@@ -96,7 +101,8 @@ def make_train_iterator(source, data_config, global_batch_size: int, seed: int,
 
     ds = (grain.MapDataset.range(0, 2**62)
           .map(global_index)
-          .map(_LoadAndPreprocess(stream, data_config.random_flip, seed, label_keys))
+          .map(_LoadAndPreprocess(stream, data_config.random_flip, seed, label_keys,
+                                    record_fields))
           .batch(local, drop_remainder=True))
     read = grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
     return iter(ds.to_iter_dataset(read))

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from ldm_jax.config_checks import ConfigError
@@ -38,6 +39,9 @@ class ImageMaker:
     make: Callable
     label_keys: tuple = ()
     lpips: Callable | None = None  # (x, y) -> (n,) distances, when LPIPS weights are given
+    # records -> what make takes for them (arrays with a leading image axis, in any pytree),
+    # e.g. caption tokens; None: their label_keys stacked into (n, K) int32
+    conditions: Callable | None = None
 
 
 def training_evaluator(config, mesh, maker: ImageMaker, params_of: Callable):
@@ -88,6 +92,8 @@ class Evaluator:
         if num > len(source):
             raise ConfigError(f"asked for {num} images but the {split} split has {len(source)}")
         records = [source[i] for i in range(num)]
+        if self.maker.conditions is not None:
+            return self.maker.conditions(records), records
         labels = np.stack([pipeline.stack_labels(r, self.maker.label_keys) for r in records])
         return labels, records
 
@@ -98,8 +104,11 @@ class Evaluator:
             n = min(self.batch_size, num - start)
             part = None
             if labels is not None:
-                part = labels[start:start + n]
-                part = np.concatenate([part, np.repeat(part[-1:], self.batch_size - n, 0)])
+                pad = self.batch_size - n
+                part = jax.tree_util.tree_map(
+                    lambda a: np.concatenate([a[start:start + n],
+                                              np.repeat(a[start + n - 1:start + n], pad, 0)]),
+                    labels)
             images = self.maker.make(params, part, self.batch_size, seed * 100_003 + i)
             chunks.append(to_uint8(np.asarray(images)[:n]))
         return np.concatenate(chunks)

@@ -7,7 +7,7 @@ A stage is a module named in `config_utils.STAGES` with these functions:
     build_run(config, mesh, workdir, source, is_main) -> StageRun
     sample(workdir, config, options) -> str   what sample.py does with a workdir; returns
                                               the line it prints
-    image_maker(config, mesh) -> ImageMaker   how evaluation gets images from params
+    image_maker(config, mesh, workdir) -> ImageMaker   how evaluation gets images from params
     load_for_evaluation(workdir, config, mesh, step, use_ema) -> (params, step)
 
 The loop, checkpoints, metrics and multi-host code only ever see a StageRun.
@@ -29,6 +29,9 @@ class StageRun:
     describe: Callable[[Any], str]
     # dataset labels the input pipeline must carry under batch["labels"]
     label_keys: tuple = ()
+    # record -> {name: numpy array} of further per-example inputs the input pipeline adds to
+    # the batch (e.g. caption tokens); None adds nothing
+    record_fields: Callable[[dict], dict] | None = None
     # parameters the step reads but never trains (LPIPS, a first-stage autoencoder, a text
     # encoder): placed once, replicated, passed to every step, not checkpointed
     frozen: Any = None

@@ -219,7 +219,7 @@ def write_latent_scale(config, model, params, model_state, workdir, step, source
     return f"latent scale {record['scale']:.5f} ({lat.scale}) written to {LATENT_SCALE_FILE}"
 
 
-def _restore_for_use(workdir, config, step, use_ema):
+def restore_for_use(workdir, config, step, use_ema):
     """(model, params, model_state, step) of a checkpoint; only those parts are read."""
     model, disc = build_model(config), build_discriminator(config)
     tx, disc_tx, _ = _optimizers(config)
@@ -239,7 +239,7 @@ def _restore_for_use(workdir, config, step, use_ema):
     return model, params, model_state, step
 
 
-def image_maker(config, mesh, lpips_path: str | None = None):
+def image_maker(config, mesh, lpips_path: str | None = None, workdir: str | None = None):
     """Evaluation reconstructs held-out images; LPIPS is measured when weights are given (the
     path, else the config's loss.lpips_path)."""
     from ldm_jax.evaluation.evaluator import ImageMaker
@@ -258,7 +258,7 @@ def image_maker(config, mesh, lpips_path: str | None = None):
 
 def load_for_evaluation(workdir: str, config, mesh, step=None, use_ema: bool = True):
     """((params, model_state), step) of a checkpoint, for image_maker's make."""
-    _, params, model_state, step = _restore_for_use(workdir, config, step, use_ema)
+    _, params, model_state, step = restore_for_use(workdir, config, step, use_ema)
     return (params, model_state), step
 
 
@@ -266,7 +266,7 @@ def sample(workdir: str, config, options: dict) -> str:
     """sample.py for an autoencoder workdir: --reconstruct (pairs + PSNR/SSIM) or
     --latent_scale (recompute latent_scale.json)."""
     if options.get("latent_scale"):
-        model, params, model_state, step = _restore_for_use(workdir, config, options["step"],
+        model, params, model_state, step = restore_for_use(workdir, config, options["step"],
                                                             not options["raw_params"])
         source = pipeline.load_source(config.data, split="train")
         return write_latent_scale(config, model, params, model_state, workdir, step, source,
@@ -274,14 +274,14 @@ def sample(workdir: str, config, options: dict) -> str:
     if not options.get("reconstruct"):
         raise ConfigError("this workdir holds an autoencoder: pass --reconstruct (input | "
                           "reconstruction pairs with PSNR/SSIM) or --latent_scale")
-    num = options["num"]
+    num = 16 if options["num"] is None else options["num"]
     if num < 1:
         raise ConfigError(f"--num={num}: ask for at least one image")
     out = options["out"]
     if out is not None:
         from ldm_jax.utils.image_grid import check_output_path
         check_output_path(out)
-    model, params, model_state, step = _restore_for_use(workdir, config, options["step"],
+    model, params, model_state, step = restore_for_use(workdir, config, options["step"],
                                                         not options["raw_params"])
     x = held_out_images(config, num, options["split"])
     start = time.time()

@@ -75,7 +75,7 @@ class _GridWriter:
         return [f"wrote {path}"]
 
 
-def image_maker(config, mesh):
+def image_maker(config, mesh, workdir: str | None = None):
     """Evaluation draws samples with the sampling config (steps, sampler, eta, guidance)."""
     from ldm_jax.evaluation.evaluator import ImageMaker
     model, schedule = ddpm_stage.build_model(config), ddpm_stage.build_schedule(config)
@@ -106,9 +106,19 @@ def sample(workdir: str, config, options: dict) -> str:
     if options.get("reconstruct"):
         raise ConfigError("--reconstruct needs an autoencoder workdir; this one is a DDPM "
                           "(stage 'ddpm'): drop the flag")
+    for flag, key in (("--prompt", "prompts"), ("--negative_prompt", "negative_prompt"),
+                      ("--init_image", "init_image"), ("--mask", "mask"),
+                      ("--strength", "strength")):
+        if options.get(key):
+            raise ConfigError(f"{flag} is for latent-diffusion workdirs; this one is a pixel "
+                              "DDPM: drop the flag")
+    classes = options.get("classes")
+    num = options["num"]
+    if num is None:
+        num = len(classes) if classes else 16
     path, seconds = generate.sample_from_workdir(
-        workdir, num=options["num"], steps=options["steps"], sampler=options["sampler"],
+        workdir, num=num, classes=classes, steps=options["steps"], sampler=options["sampler"],
         eta=options["eta"], seed=options["seed"], out=options["out"],
         use_ema=False if options["raw_params"] else None, step=options["step"],
         guidance=options["guidance"], split=options["split"], caption=options["caption"])
-    return f"wrote {path} ({options['num']} images, {seconds:.1f}s)"
+    return f"wrote {path} ({num} images, {seconds:.1f}s)"

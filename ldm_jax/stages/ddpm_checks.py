@@ -41,12 +41,12 @@ def validate(config) -> None:
                               f"model.norm_groups={config.model.norm_groups}")
     _check_attention_heads(config.model, config.data.image_size)
     _check_labels(config)
-    _check_diffusion(config.diffusion)
-    _check_sampling(config.sampling, config.diffusion.num_timesteps)
+    check_diffusion(config.diffusion)
+    check_sampling(config.sampling, config.diffusion.num_timesteps)
     check_training(config)
 
 
-def _check_diffusion(d) -> None:
+def check_diffusion(d) -> None:
     if not 2 <= d.num_timesteps <= MAX_TIMESTEPS:
         raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps} must be between 2 and "
                           f"{MAX_TIMESTEPS}; 1000 is the usual choice")
@@ -61,7 +61,7 @@ def _check_diffusion(d) -> None:
                           f"{d.beta_end}; noise must grow with t, so swap them")
 
 
-def _check_sampling(s, num_timesteps) -> None:
+def check_sampling(s, num_timesteps) -> None:
     if not 1 <= s.num_steps <= num_timesteps:
         raise ConfigError(f"sampling.num_steps={s.num_steps} must be between 1 and "
                           f"diffusion.num_timesteps={num_timesteps}")

@@ -85,7 +85,7 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     state_sharding = parallel.state_sharding(mesh, abstract)
     data_iter = pipeline.make_train_iterator(source, config.data, t.batch_size, config.seed,
                                              jax.process_index(), jax.process_count(),
-                                             run.label_keys)
+                                             run.label_keys, run.record_fields)
 
     start = time.time()
     counters = {}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 
@@ -97,23 +98,93 @@ def save_grid(images, path: str, captions=None) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid).save(path)
     if captions is not None:
-        cols = math.ceil(math.sqrt(len(captions)))
-        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-            for i, caption in enumerate(captions):
-                r, k = divmod(i, cols)
-                f.write(f"{r + 1}, {k + 1}: {caption}\n")
+        _write_captions(path, captions)
     return path
 
 
-def save_images(images, folder: str, captions=None) -> str:
+def png_info(metadata: dict | None):
+    """PNG text chunks (tEXt) holding `metadata`, one per key; None for no metadata."""
+    if not metadata:
+        return None
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
+    return info
+
+
+def read_png_metadata(path: str) -> dict:
+    """The text chunks of a PNG (what `png_info` wrote), values as stored (str)."""
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def captioned_grid(pixels: np.ndarray, captions, min_size: int = 128, text_width: int = 220,
+                   padding: int = 4) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> one image with each picture, enlarged (nearest) to at least
+    `min_size` pixels, and its caption written to its right, in a near-square grid."""
+    from PIL import ImageDraw, ImageFont
+    n, h, w, _ = pixels.shape
+    zoom = max(1, math.ceil(min_size / max(h, w)))
+    ch, cw = h * zoom, w * zoom
+    cell_w, cell_h = cw + text_width + padding, ch + padding
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = Image.new("RGB", (cols * cell_w + padding, rows * cell_h + padding), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for i, (picture, caption) in enumerate(zip(pixels, captions)):
+        r, k = divmod(i, cols)
+        x, y = padding + k * cell_w, padding + r * cell_h
+        canvas.paste(Image.fromarray(picture).resize((cw, ch), Image.NEAREST), (x, y))
+        line_y = y
+        for line in _wrap(draw, font, str(caption), text_width - 2 * padding):
+            draw.text((x + cw + padding, line_y), line, fill="black", font=font)
+            line_y += 12
+    return np.asarray(canvas)
+
+
+def _wrap(draw, font, text: str, width: int) -> list:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return lines + ([line] if line else [])
+
+
+def save_captioned_grid(images, path: str, captions, metadata: dict | None = None) -> str:
+    """[-1, 1] images as one captioned grid (see `captioned_grid`), with PNG metadata; the
+    captions also go to PATH.txt as `save_grid` writes them."""
+    grid = captioned_grid(to_uint8(images), captions)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path, pnginfo=png_info(metadata))
+    _write_captions(path, captions)
+    return path
+
+
+def _write_captions(path: str, captions) -> None:
+    cols = math.ceil(math.sqrt(len(captions)))
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        for i, caption in enumerate(captions):
+            r, k = divmod(i, cols)
+            f.write(f"{r + 1}, {k + 1}: {caption}\n")
+
+
+def save_images(images, folder: str, captions=None, metadata=None) -> str:
     """Each [-1, 1] image as FOLDER/000000.png, ... (what FID tools read) and, with `captions`,
     FOLDER/captions.txt (one line per image). The grid goes beside the folder, as
-    FOLDER_grid.png, so the folder holds the samples only. Returns the folder."""
+    FOLDER_grid.png, so the folder holds the samples only. `metadata` (one dict per image)
+    goes into each PNG's text chunks. Returns the folder."""
     pixels = to_uint8(images)  # NaN/Inf raise before anything is written
     folder = os.path.normpath(folder)
     os.makedirs(folder, exist_ok=True)
     for i, image in enumerate(pixels):
-        Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
+        Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"),
+                                    pnginfo=png_info(metadata[i] if metadata else None))
     if captions is not None:
         with open(os.path.join(folder, "captions.txt"), "w") as f:
             f.writelines(f"{i:06d}.png: {caption}\n" for i, caption in enumerate(captions))

@@ -1,0 +1,53 @@
+"""Fields shared by every latent-diffusion config; experiment configs start from this one.
+
+A latent-diffusion run trains a U-Net on the latents of a frozen first stage (an autoencoder
+workdir, `first_stage.workdir`), conditioned by text (a transformer encoder trained jointly,
+cross-attention), by dataset labels (added to the time embedding), and/or by concatenated
+inputs (a masked image for inpainting, a low-resolution image for super-resolution).
+"""
+from configs import ddpm_base
+
+
+def get_config():
+    config = ddpm_base.get_config()
+    config.stage = "ldm"
+    # LDM drops conditioning with conditioning.p_uncond instead.
+    del config.training["label_drop_prob"]
+
+    config.first_stage = dict(
+        workdir="workdirs/autoencoder_kl_f8_shapes",  # a finished autoencoder run
+        config="configs/autoencoder_kl_f8_shapes.py",  # how to train it (named in errors)
+        latent_channels=4,      # must equal the autoencoder's latent channels
+        use_ema=True,           # the autoencoder's EMA weights when it kept them
+    )
+    config.conditioning = dict(
+        text=False,             # cross-attention to the encoded caption
+        concat="none",          # none | inpaint (mask + masked-image latents) | lowres (4x SR)
+        p_uncond=0.1,           # fraction trained with the empty caption / withheld labels
+        inpaint_full_mask_prob=0.25,  # inpaint: fraction of training masks covering everything
+    )
+    config.text_encoder = dict(
+        max_length=32,          # tokens per caption, [BOS] and [EOS] included
+        width=128,              # also the U-Net's context width
+        depth=2,
+        heads=4,
+        causal=False,           # LDM's jointly trained encoder sees the whole caption
+    )
+    # The LDM U-Net (SD v1's layout): attention at the levels listed in attention_levels,
+    # cross-attending to the text when conditioning.text.
+    config.model.attention_levels = (0, 1)
+    config.model.transformer_depth = 1
+    config.model.use_linear_projection = False
+    config.model.norm_groups = 32
+
+    # LDM's schedule ("linear" in its configs: scaled_linear here), eps-prediction.
+    config.diffusion.schedule = "scaled_linear"
+    config.diffusion.beta_start = 0.00085
+    config.diffusion.beta_end = 0.012
+    config.diffusion.parameterization = "eps"
+
+    config.sampling.clip_denoised = False  # latents are not bounded like pixels
+    config.sampling.sampler = "dpmpp_2m"
+    config.sampling.num_steps = 25
+    config.sampling.guidance_scale = 1.0
+    return config

@@ -1,0 +1,49 @@
+"""Text-to-image latent diffusion on the embedded 64x64 shapes dataset: the main job.
+
+COMMAND: python train.py --config=configs/autoencoder_kl_f8_shapes.py   # the first stage
+         python train.py --config=configs/ldm_kl8.py
+         python sample.py --workdir=workdirs/ldm_kl8 --split=test
+The U-Net works on the 8x8x4 latents of the frozen KL-f8 autoencoder (first_stage.workdir,
+trained by the first command) and cross-attends to the caption, encoded by a small
+transformer trained with it from a word vocabulary of the training captions. 10% of the
+captions are replaced by the empty one, so sampling can use classifier-free guidance.
+"""
+from configs import ldm_base
+
+
+def get_config():
+    config = ldm_base.get_config()
+    config.data.name = "shapes"
+    config.data.image_size = 64
+    config.data.num_train = 20000
+    config.data.random_flip = False  # a flip would contradict "left"/"right" in the captions
+
+    config.conditioning.text = True
+    config.text_encoder.max_length = 32
+    config.text_encoder.width = 128
+    config.text_encoder.depth = 2
+    config.text_encoder.heads = 4
+
+    config.model.base_channels = 64
+    config.model.channel_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attention_levels = (0, 1)
+    config.model.num_heads = 4
+    config.model.dropout = 0.0
+
+    config.optimizer.lr = 5e-4
+    config.optimizer.warmup_steps = 100
+    config.optimizer.schedule = "cosine"
+
+    config.training.batch_size = 32
+    config.training.num_steps = 1500
+    config.training.ema_decay = 0.995
+    config.training.log_every = 50
+    config.training.checkpoint_every = 500
+    config.training.sample_every = 500
+    config.training.num_samples = 16
+
+    config.sampling.sampler = "dpmpp_2m"
+    config.sampling.num_steps = 25
+    config.sampling.guidance_scale = 3.0
+    return config

@@ -1,0 +1,110 @@
+"""The latent-diffusion stage: a U-Net trained on the latents of a frozen first stage,
+conditioned by text (a jointly trained encoder), labels, and/or concat inputs.
+
+Sampling (grids during training, sample.py, evaluation) goes through
+`pipelines/latent.py`; sample.py's tasks live in `stages/ldm_sample.py`.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from ldm_jax.config_checks import ConfigError
+from ldm_jax.stages import first_stage as first_stage_lib
+from ldm_jax.stages import ldm_checks, ldm_text
+from ldm_jax.stages.api import StageRun
+from ldm_jax.training import ddpm_stage, ldm_step
+from ldm_jax.training.optimizer import make_optimizer
+
+
+def default_config():
+    from configs import ldm_base
+    return ldm_base.get_config()
+
+
+def validate(config) -> None:
+    ldm_checks.validate(config)
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def build_parts(config, first, tok):
+    """(model, schedule) for a run whose first stage and tokenizer are known."""
+    from ldm_jax.models.unet import check_input_size
+    size = config.data.image_size // first.factor
+    try:
+        check_input_size(size, config.model.channel_mult, ())
+    except ValueError as e:
+        raise ConfigError(f"latents of {size}x{size} (image {config.data.image_size}, first "
+                          f"stage f={first.factor}): {e}") from None
+    model = ldm_step.build_model(config, tok.vocab_size if tok else None, first.channels,
+                                 first.factor)
+    return model, ddpm_stage.build_schedule(config)
+
+
+def empty_tokens(tok):
+    """(ids, mask) of the empty caption: what dropped captions and unguided halves read."""
+    return ldm_text.encode_prompts(tok, [""]) if tok is not None else None
+
+
+def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
+    record = first_stage_lib.read_record(workdir)
+    first = first_stage_lib.load(config, mesh, record)
+    if record is None and is_main:
+        first_stage_lib.write_record(first, workdir)
+    tok = (ldm_text.workdir_tokenizer(config, workdir, source, is_main)
+           if config.conditioning.text else None)
+    model, schedule = build_parts(config, first, tok)
+    tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
+    shape = first_stage_lib.latent_shape(config, first, 1)
+    step = ldm_step.make_train_step(config, model, first, schedule, tx, lr_fn,
+                                    empty_tokens(tok), mesh)
+
+    def describe(abstract):
+        parts = [f"latent U-Net: {_count(abstract.params['unet']):,} parameters"]
+        if "text_encoder" in abstract.params:
+            parts.append(f"text encoder {_count(abstract.params['text_encoder']):,} "
+                         f"(vocabulary {tok.vocab_size})")
+        parts.append(f"frozen {first.kind.upper()}-f{first.factor} first stage (step "
+                     f"{first.step}, latents {shape[1]}x{shape[2]}x{shape[3]}, scale "
+                     f"{first.scale:.5f})")
+        return "; ".join(parts)
+
+    from ldm_jax.stages.ldm_sample import GridWriter, image_maker_for
+    grids = GridWriter(config, model, first, schedule, mesh, workdir, is_main, tok)
+    evaluate = None
+    if config.eval.every:
+        from ldm_jax.evaluation.evaluator import training_evaluator
+        evaluate = training_evaluator(
+            config, mesh, image_maker_for(config, mesh, model, first, schedule, tok),
+            lambda state: state.ema_params if config.sampling.use_ema else state.params)
+    return StageRun(
+        init=lambda key: ldm_step.init_state(config, model, tx, key, shape),
+        train_step=step,
+        describe=describe,
+        label_keys=tuple(config.model.label_keys),
+        record_fields=ldm_text.record_fields(tok) if tok else None,
+        frozen=first.params,
+        periodic=grids if config.training.sample_every else None,
+        evaluate=evaluate, evaluate_every=config.eval.every)
+
+
+def image_maker(config, mesh, workdir: str):
+    """Evaluation's sampler for the workdir's model (its first stage and tokenizer)."""
+    from ldm_jax.stages.ldm_sample import image_maker as make
+    return make(config, mesh, workdir)
+
+
+def load_for_evaluation(workdir: str, config, mesh, step=None, use_ema: bool = True):
+    from ldm_jax.stages.ldm_sample import load_workdir
+    loaded = load_workdir(workdir, config, mesh, step, use_ema)
+    return loaded.params, loaded.step
+
+
+def sample(workdir: str, config, options: dict) -> str:
+    from ldm_jax.stages.ldm_sample import sample_workdir
+    return sample_workdir(workdir, config, options)

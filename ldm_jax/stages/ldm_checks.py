@@ -1,0 +1,95 @@
+"""Config checks of the latent-diffusion stage: every field it reads, named in the message.
+
+The first stage itself (exists, finished, latent channels) is checked when it is loaded
+(`first_stage.inspect`), since that needs the filesystem.
+"""
+from __future__ import annotations
+
+from ldm_jax.config_checks import ConfigError, at_least, check_data, check_training, one_of
+from ldm_jax.evaluation.eval_checks import check_eval_config
+from ldm_jax.models.concat_inputs import CONCAT_KINDS, LOWRES_FACTOR
+from ldm_jax.stages.ddpm_checks import check_diffusion, check_sampling
+
+
+def validate(config) -> None:
+    from ldm_jax.diffusion import objectives, samplers, schedules
+
+    check_data(config.data)
+    check_eval_config(config, "samples")
+    d, s, c = config.diffusion, config.sampling, config.conditioning
+    one_of(d.schedule, schedules.BETA_KINDS, "diffusion.schedule")
+    one_of(d.parameterization, objectives.PARAMETERIZATIONS, "diffusion.parameterization")
+    one_of(d.loss_weighting, objectives.WEIGHTINGS, "diffusion.loss_weighting")
+    one_of(d.timestep_sampling, objectives.T_SAMPLINGS, "diffusion.timestep_sampling")
+    one_of(s.sampler, samplers.SAMPLERS, "sampling.sampler")
+    one_of(s.spacing, samplers.SPACINGS, "sampling.spacing")
+    one_of(s.ddpm_variance, samplers.DDPM_VARIANCES, "sampling.ddpm_variance")
+    if not 0.0 <= s.guidance_rescale <= 1.0:
+        raise ConfigError(f"sampling.guidance_rescale={s.guidance_rescale} must be in [0, 1]")
+    check_diffusion(d)
+    check_sampling(s, d.num_timesteps)
+    at_least(config.first_stage.latent_channels, 1, "first_stage.latent_channels",
+             "latent channels")
+    _check_conditioning(config)
+    _check_model(config.model)
+    check_training(config)
+
+
+def _check_conditioning(config) -> None:
+    from ldm_jax.data import pipeline
+
+    c = config.conditioning
+    one_of(c.concat, CONCAT_KINDS, "conditioning.concat")
+    if not 0.0 <= c.p_uncond < 1.0:
+        raise ConfigError(f"conditioning.p_uncond={c.p_uncond} must be in [0, 1) (0.1 is usual)")
+    if not 0.0 <= c.inpaint_full_mask_prob <= 1.0:
+        raise ConfigError(f"conditioning.inpaint_full_mask_prob={c.inpaint_full_mask_prob} "
+                          "must be in [0, 1]")
+    available = pipeline.label_sizes(config.data)
+    keys = tuple(config.model.label_keys)
+    unknown = [k for k in keys if k not in available]
+    if unknown:
+        raise ConfigError(f"model.label_keys {unknown} are not labels of the {config.data.name} "
+                          f"dataset; choose from {sorted(available)}")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"model.label_keys {list(keys)} names a label twice")
+    if c.text and config.data.name != "shapes":
+        raise ConfigError(f"conditioning.text needs captions; the {config.data.name} dataset "
+                          "has none (the shapes dataset has)")
+    conditional = c.text or bool(keys)
+    if config.sampling.guidance_scale != 1.0:
+        if not conditional:
+            raise ConfigError(f"sampling.guidance_scale={config.sampling.guidance_scale} needs "
+                              "text or label conditioning (conditioning.text, model.label_keys)")
+        if c.p_uncond == 0:
+            raise ConfigError("sampling.guidance_scale != 1 needs an unconditional model too; "
+                              "train with conditioning.p_uncond > 0 (e.g. 0.1)")
+    if c.concat == "lowres" and config.data.image_size % (2 * LOWRES_FACTOR):
+        raise ConfigError(f"data.image_size={config.data.image_size}: super-resolution needs "
+                          f"a multiple of {2 * LOWRES_FACTOR}")
+    te = config.text_encoder
+    if c.text:
+        at_least(te.max_length, 3, "text_encoder.max_length", "tokens ([BOS], a word, [EOS])")
+        at_least(te.depth, 1, "text_encoder.depth", "transformer layers")
+        at_least(te.heads, 1, "text_encoder.heads", "attention heads")
+        if te.width % te.heads:
+            raise ConfigError(f"text_encoder.width={te.width} is not divisible by "
+                              f"text_encoder.heads={te.heads}")
+
+
+def _check_model(m) -> None:
+    levels = len(m.channel_mult)
+    bad = [lv for lv in m.attention_levels if not 0 <= lv < levels]
+    if bad:
+        raise ConfigError(f"model.attention_levels {list(m.attention_levels)}: {bad} are not "
+                          f"level indices below {levels} (the length of model.channel_mult)")
+    for mult in m.channel_mult:
+        ch = m.base_channels * mult
+        if ch % m.norm_groups:
+            raise ConfigError(f"model.base_channels * {mult} = {ch} is not divisible by "
+                              f"model.norm_groups={m.norm_groups}")
+        heads = ch // m.head_dim if m.head_dim else m.num_heads
+        if heads < 1 or ch % heads:
+            field = "model.head_dim" if m.head_dim else "model.num_heads"
+            raise ConfigError(f"{field}={m.head_dim or m.num_heads} does not split the {ch} "
+                              "channels of a level into whole heads")

@@ -1,0 +1,67 @@
+"""The caption tokenizer of a text-conditioned latent-diffusion run.
+
+Trained once on the training split's captions (word level, no download) and stored in the
+workdir, so a resumed run and sample.py use exactly the same vocabulary.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ldm_jax.config_checks import ConfigError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def captions_of(source) -> list[str]:
+    """Every caption of a random-access source, as str."""
+    out = []
+    for i in range(len(source)):
+        caption = source[i]["caption"]
+        out.append(caption.decode() if isinstance(caption, bytes) else str(caption))
+    return out
+
+
+def workdir_tokenizer(config, workdir: str, source, is_main: bool):
+    """The workdir's tokenizer; process 0 trains and writes it on the first run, the other
+    processes wait for it."""
+    from ldm_jax import parallel
+    from ldm_jax.data import tokenizer
+
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.exists(path) and is_main:
+        tok = tokenizer.train_word_tokenizer(captions_of(source),
+                                             config.text_encoder.max_length)
+        tok.save(path)
+    parallel.wait_for_all_processes("tokenizer_written")
+    tok = tokenizer.load(path)
+    if tok.max_length != config.text_encoder.max_length:
+        raise ConfigError(f"{path} pads to {tok.max_length} tokens but text_encoder.max_length="
+                          f"{config.text_encoder.max_length}; keep the length of this run")
+    return tok
+
+
+def load_tokenizer(workdir: str):
+    from ldm_jax.data import tokenizer
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: a text-conditioned workdir keeps its "
+                                "tokenizer there; was it copied without it?")
+    return tokenizer.load(path)
+
+
+def record_fields(tok):
+    """record -> {ids, mask} of its caption, for the input pipeline."""
+    def fields(record):
+        caption = record["caption"]
+        ids, mask = tok.encode([caption.decode() if isinstance(caption, bytes) else caption])
+        return {"ids": ids[0], "mask": mask[0]}
+    return fields
+
+
+def encode_prompts(tok, prompts, warn=None):
+    """(ids, mask) numpy arrays for a list of prompts; `warn(line)` hears of truncated
+    prompts and of words the vocabulary lacks."""
+    ids, mask = tok.encode(list(prompts), warn=warn)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
