@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.diffusion.img2img import blend, start
 from ldm_jax.diffusion.loop import run_steps
 from ldm_jax.diffusion.timesteps import dpm_grid, traced_grid
 
@@ -29,7 +30,7 @@ def eval_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
 
 
 def sample_dpmpp_2m(model_fn, schedule, noise, step_rng, *, num_steps, spacing, steps_offset,
-                    denoise, dtype, sde=False, use_python_loop=False):
+                    denoise, dtype, sde=False, use_python_loop=False, img=None):
     T = schedule.num_timesteps
     sa_all = schedule.sqrt_alphas_cumprod.astype(dtype)
     s1a_all = schedule.sqrt_one_minus_alphas_cumprod.astype(dtype)
@@ -37,11 +38,14 @@ def sample_dpmpp_2m(model_fn, schedule, noise, step_rng, *, num_steps, spacing, 
     batch = noise.shape[0]
 
     grid = traced_grid(dpm_grid, n, T, spacing, steps_offset)
+    # img2img starts `skip` steps in with an empty history (first order), as
+    # diffusers does after set_begin_index.
+    skip = jnp.int32(0) if img is None else img.skip
 
     def body(i, carry):
         x, m_prev, h_prev = carry
         i = jnp.asarray(i, jnp.int32)
-        k = n - 1 - i
+        k = n - 1 - skip - i
         t, t_next = grid(k), grid(jnp.maximum(k - 1, 0))
         sa, s1a, sa_n, s1a_n = sa_all[t], s1a_all[t], sa_all[t_next], s1a_all[t_next]
         out = model_fn(x, jnp.full((batch,), t, jnp.int32)).astype(dtype)
@@ -55,9 +59,12 @@ def sample_dpmpp_2m(model_fn, schedule, noise, step_rng, *, num_steps, spacing, 
         else:
             x_new = (s1a_n / s1a) * x - (sa_n * jnp.expm1(-h)) * d
         last = k == 0
+        x_new = blend(jnp.where(last, m, x_new), img, sa_n, s1a_n, noise, last)
         # On the last step h is meaningless (t_next == t); keep h_prev finite.
-        return jnp.where(last, m, x_new), m, jnp.where(last, h_prev, h)
+        return x_new, m, jnp.where(last, h_prev, h)
 
-    carry = (noise, jnp.zeros_like(noise), jnp.ones((), dtype))
-    x, _, _ = run_steps(body, num_steps, carry, use_python_loop)
+    t0 = grid(n - 1 - skip)
+    x = start(noise, img, sa_all[t0], s1a_all[t0], noise)
+    carry = (x, jnp.zeros_like(noise), jnp.ones((), dtype))
+    x, _, _ = run_steps(body, n - skip, carry, use_python_loop)
     return x

@@ -20,12 +20,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.diffusion.img2img import blend, start
 from ldm_jax.diffusion.loop import run_steps
 from ldm_jax.diffusion.timesteps import ddim_grid, traced_grid
 
 
 def sample_euler(model_fn, schedule, noise, step_rng, *, num_steps, spacing, steps_offset,
-                 denoise, dtype, ancestral=False, use_python_loop=False):
+                 denoise, dtype, ancestral=False, use_python_loop=False, img=None):
     T = schedule.num_timesteps
     sa_all = schedule.sqrt_alphas_cumprod.astype(dtype)
     s1a_all = schedule.sqrt_one_minus_alphas_cumprod.astype(dtype)
@@ -33,10 +34,11 @@ def sample_euler(model_fn, schedule, noise, step_rng, *, num_steps, spacing, ste
     batch = noise.shape[0]
 
     grid = traced_grid(ddim_grid, n, T, spacing, steps_offset)
+    skip = jnp.int32(0) if img is None else img.skip
 
     def body(i, y):
         i = jnp.asarray(i, jnp.int32)
-        k = n - 1 - i
+        k = n - 1 - skip - i
         t, t_next = grid(k), grid(jnp.maximum(k - 1, 0))
         sa, s1a = sa_all[t], s1a_all[t]
         sig = s1a / sa
@@ -45,13 +47,18 @@ def sample_euler(model_fn, schedule, noise, step_rng, *, num_steps, spacing, ste
         out = model_fn(x_t, jnp.full((batch,), t, jnp.int32)).astype(dtype)
         _, eps = denoise(x_t, out, sa, s1a)
         if not ancestral:
-            return y + eps * (sig_n - sig)
-        sig_up = jnp.sqrt(sig_n ** 2 * (sig ** 2 - sig_n ** 2) / sig ** 2)
-        sig_down = jnp.sqrt(jnp.maximum(sig_n ** 2 - sig_up ** 2, 0.0))
-        z = jax.random.normal(jax.random.fold_in(step_rng, i), noise.shape, dtype)
-        return y + eps * (sig_down - sig) + sig_up * z
+            y_new = y + eps * (sig_n - sig)
+        else:
+            sig_up = jnp.sqrt(sig_n ** 2 * (sig ** 2 - sig_n ** 2) / sig ** 2)
+            sig_down = jnp.sqrt(jnp.maximum(sig_n ** 2 - sig_up ** 2, 0.0))
+            z = jax.random.normal(jax.random.fold_in(step_rng, i), noise.shape, dtype)
+            y_new = y + eps * (sig_down - sig) + sig_up * z
+        # In y the forward process is y = x0 + sigma * noise.
+        return blend(y_new, img, 1.0, sig_n, noise, k == 0)
 
     t_top = grid(n - 1)
     sig_max = s1a_all[t_top] / sa_all[t_top]
     scale = jnp.sqrt(sig_max ** 2 + 1) if spacing == "leading" else sig_max
-    return run_steps(body, num_steps, noise * scale, use_python_loop)
+    t0 = grid(n - 1 - skip)
+    y = start(noise * scale, img, 1.0, s1a_all[t0] / sa_all[t0], noise)
+    return run_steps(body, n - skip, y, use_python_loop)

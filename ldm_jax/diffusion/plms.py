@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.diffusion.img2img import blend, start
 from ldm_jax.diffusion.loop import run_steps
 from ldm_jax.diffusion.timesteps import ddim_grid, traced_grid
 
@@ -44,7 +45,7 @@ def eval_timesteps(num_timesteps, num_steps, spacing="leading", steps_offset=0):
 
 
 def sample_plms(model_fn, schedule, noise, *, num_steps, spacing, steps_offset, denoise,
-                sa_final, s1a_final, dtype, use_python_loop=False):
+                sa_final, s1a_final, dtype, use_python_loop=False, img=None):
     T = schedule.num_timesteps
     sa_all = schedule.sqrt_alphas_cumprod.astype(dtype)
     s1a_all = schedule.sqrt_one_minus_alphas_cumprod.astype(dtype)
@@ -52,18 +53,25 @@ def sample_plms(model_fn, schedule, noise, *, num_steps, spacing, steps_offset, 
     n = jnp.asarray(num_steps, jnp.int32)
     r = T // n
     batch = noise.shape[0]
+    skip = jnp.int32(0) if img is None else img.skip
+    m = n - skip
+    # img2img runs the evaluations from index `skip` of the full list on a
+    # fresh multistep history, as diffusers' PNDM does on truncated timesteps.
+    count = jnp.where(m > 0, m + (n > 1).astype(jnp.int32), 0)
 
     grid = traced_grid(ddim_grid, n, T, spacing, steps_offset)
 
-    def body(i, carry):
+    def eval_t(e):
+        return grid(n - 1 - e + (e >= 2).astype(jnp.int32))
+
+    def body(j, carry):
         x, saved, outs = carry
-        i = jnp.asarray(i, jnp.int32)
-        k = n - 1 - i + (i >= 2).astype(jnp.int32)
-        t = grid(k)
+        j = jnp.asarray(j, jnp.int32)
+        t = eval_t(skip + j)
         out = model_fn(x, jnp.full((batch,), t, jnp.int32)).astype(dtype)
         appended = jnp.concatenate([outs[1:], out[None]], axis=0)
-        restep = i == 1
-        row = jnp.where(restep, 0, jnp.clip(i, 1, 4))
+        restep = j == 1
+        row = jnp.where(restep, 0, jnp.clip(j, 1, 4))
         combined = jnp.tensordot(weights[row], appended, axes=1)
         x_from = jnp.where(restep, saved, x)
         t_from = jnp.where(restep, t + r, t)
@@ -74,9 +82,14 @@ def sample_plms(model_fn, schedule, noise, *, num_steps, spacing, steps_offset, 
         s1a_to = jnp.where(t_to >= 0, s1a_all[to], s1a_final)
         x0, eps = denoise(x_from, combined, sa, s1a)
         x_new = sa_to * x0 + s1a_to * eps
-        return (x_new, jnp.where(i == 0, x, saved), jnp.where(restep, outs, appended))
+        # Blending re-noises init to the next evaluation's timestep, whatever
+        # level the step reached (they differ right after the re-step).
+        t_next = eval_t(jnp.minimum(skip + j + 1, num_evals(n) - 1))
+        x_new = blend(x_new, img, sa_all[t_next], s1a_all[t_next], noise, j == count - 1)
+        return (x_new, jnp.where(j == 0, x, saved), jnp.where(restep, outs, appended))
 
+    t0 = eval_t(jnp.minimum(skip, num_evals(n) - 1))
+    x = start(noise, img, sa_all[t0], s1a_all[t0], noise)
     outs = jnp.zeros((4,) + noise.shape, dtype)
-    x, _, _ = run_steps(body, num_evals(n) if not use_python_loop else num_evals(int(num_steps)),
-                        (noise, noise, outs), use_python_loop)
+    x, _, _ = run_steps(body, count, (x, x, outs), use_python_loop)
     return x

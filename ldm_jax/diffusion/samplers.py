@@ -30,6 +30,27 @@ Randomness: rng is split into (init_rng, step_rng); x_T ~ N(0, I) from
 init_rng and the noise of loop iteration i from fold_in(step_rng, i). DDPM
 and DDIM with the same rng and step count therefore share their noise, and
 the Python and fori_loop versions agree.
+
+img2img and inpainting (all samplers; diffusers' StableDiffusionImg2ImgPipeline
+and the 4-channel StableDiffusionInpaintPipeline, img2img.py):
+  init          clean data x0 of `shape`.
+  strength      s in [0, 1], may be traced. Of the n steps only the last
+                m = min(floor(n s), n) run (diffusers' get_timesteps); m = 0
+                returns `init`. The state starts as `init` noised to the first
+                remaining model timestep t with z ~ N(0, I) from init_rng (the
+                draw that is x_T otherwise): sqrt(ab_t) x0 + sqrt(1 - ab_t) z
+                for DDPM, DDIM, PLMS and DPM-Solver++; y = x0 + sigma_t z for
+                Euler (whose state is y = x_t / sqrt(ab_t)). Multistep history
+                restarts empty: DPM-Solver++ takes a first-order step first,
+                PLMS runs its warm-up from the m-th last entry of its
+                evaluation list (as diffusers' schedulers do on truncated
+                timesteps). Loop iteration i (from 0) draws the step noise.
+  inpaint_mask  1 = generate, 0 = keep `init`; broadcastable to `shape`, e.g.
+                (N, H, W, 1). After each step x = (1 - mask) init_t' + mask x,
+                with init_t' = `init` noised with the same z to the timestep of
+                the next model evaluation, and `init` itself after the last
+                step, so the result equals `init` where mask == 0. At s = 1 the
+                start is the plain x_T, as diffusers' inpaint pipeline does.
 """
 from __future__ import annotations
 
@@ -37,8 +58,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion import dpm_solver, plms
+from ldm_jax.diffusion import dpm_solver, img2img, plms
 from ldm_jax.diffusion.euler import sample_euler
+from ldm_jax.diffusion.img2img import blend, start
+from ldm_jax.diffusion.loop import run_steps
 from ldm_jax.diffusion.objectives import (PARAMETERIZATIONS, eps_from_x0, make_denoiser,
                                           x0_eps_from_output)
 from ldm_jax.diffusion.schedules import Schedule
@@ -89,7 +112,8 @@ def _check_static(sampler, parameterization, spacing, ddpm_variance):
 def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_steps=50,
            eta=0.0, parameterization="eps", clip_denoised=True, clip_range=1.0,
            spacing="leading", steps_offset=0, ddpm_variance="fixed_small",
-           final_alpha_cumprod=1.0, dtype=jnp.float32, use_python_loop=False):
+           final_alpha_cumprod=1.0, dtype=jnp.float32, use_python_loop=False,
+           init=None, strength=1.0, inpaint_mask=None):
     """Draw samples of `shape` by running the reverse process from pure noise.
 
     model_fn(x_t, t) -> model output, with t int32 of shape (shape[0],) holding
@@ -112,6 +136,13 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
     Euler samplers multiply it by diffusers' init_noise_sigma); the stochastic
     samplers draw the noise of step i from fold_in(step_rng, i).
 
+    img2img (see the module docstring): `init` (clean data of `shape`) with
+    `strength` in [0, 1] runs only the last min(floor(num_steps * strength),
+    num_steps) steps from `init` noised to the first of them; 0 steps return
+    `init`. `inpaint_mask` (broadcastable to `shape`, 1 = generate, 0 = keep
+    `init`) blends `init` back in after every step. strength may be traced;
+    without init it must be 1.0 (a traced one is ignored).
+
     Returns the final x (the x0 samples) of `shape` and `dtype`.
     """
     _check_static(sampler, parameterization, spacing, ddpm_variance)
@@ -126,26 +157,30 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
         ab_final = jnp.asarray(final_alpha_cumprod, dtype)
         sa_final, s1a_final = jnp.sqrt(ab_final), jnp.sqrt(1 - ab_final)
     eta = jnp.asarray(eta, dtype)
+    img, steps = _img2img(init, strength, inpaint_mask, shape, dtype, num_steps, T)
     init_rng, step_rng = jax.random.split(rng)
+    noise = jax.random.normal(init_rng, shape, dtype)
     if sampler not in ("ddpm", "ddim"):
-        noise = jax.random.normal(init_rng, shape, dtype)
         denoise = make_denoiser(parameterization, clip_denoised, clip_range)
         common = dict(num_steps=num_steps, spacing=spacing, steps_offset=steps_offset,
-                      denoise=denoise, dtype=dtype, use_python_loop=use_python_loop)
+                      denoise=denoise, dtype=dtype, use_python_loop=use_python_loop, img=img)
         if sampler == "plms":
-            return plms.sample_plms(model_fn, schedule, noise, sa_final=sa_final,
-                                    s1a_final=s1a_final, **common)
-        if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-            return dpm_solver.sample_dpmpp_2m(model_fn, schedule, noise, step_rng,
-                                              sde=sampler == "dpmpp_2m_sde", **common)
-        return sample_euler(model_fn, schedule, noise, step_rng,
-                            ancestral=sampler == "euler_a", **common)
+            x = plms.sample_plms(model_fn, schedule, noise, sa_final=sa_final,
+                                 s1a_final=s1a_final, **common)
+        elif sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+            x = dpm_solver.sample_dpmpp_2m(model_fn, schedule, noise, step_rng,
+                                           sde=sampler == "dpmpp_2m_sde", **common)
+        else:
+            x = sample_euler(model_fn, schedule, noise, step_rng,
+                             ancestral=sampler == "euler_a", **common)
+        return _finish(x, img, steps)
 
     grid = traced_grid(ddim_grid, num_steps, T, spacing, steps_offset)
+    skip = jnp.int32(0) if img is None else img.skip
 
     def body(i, x):
         i = jnp.asarray(i, jnp.int32)
-        k = jnp.asarray(num_steps, jnp.int32) - 1 - i
+        k = jnp.asarray(num_steps, jnp.int32) - 1 - skip - i
         t, t_prev = grid(k), grid(jnp.maximum(k - 1, 0))
         sa, s1a = sa_all[t], s1a_all[t]
         sa_prev = jnp.where(k > 0, sa_all[t_prev], sa_final)
@@ -171,23 +206,58 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
             # Song et al. 2021, eq. 12 and 16.
             sigma = eta * jnp.sqrt(one_m_ab_prev / one_m_ab * beta)
             dir_coef = jnp.sqrt(jnp.maximum(one_m_ab_prev - sigma ** 2, 0.0))
-            return sa_prev * x0 + dir_coef * eps + sigma * z
-
-        # DDPM: posterior q(x_{t'} | x_t, x0) of the respaced chain, mean from
-        # the (clipped) x0 prediction.
-        coef1 = beta * sa_prev / one_m_ab
-        coef2 = one_m_ab_prev * jnp.sqrt(1 - beta) / one_m_ab
-        mean = coef1 * x0 + coef2 * x
-        if ddpm_variance == "fixed_small":
-            var = beta * one_m_ab_prev / one_m_ab
+            x_new = sa_prev * x0 + dir_coef * eps + sigma * z
         else:
-            var = beta  # sigma^2 = beta_t, the DDPM paper's other choice
-        # No noise on the final step (DDPM Algorithm 2, z = 0 at t = 1).
-        return mean + jnp.where(k > 0, jnp.sqrt(var), 0.0).astype(dtype) * z
+            # DDPM: posterior q(x_{t'} | x_t, x0) of the respaced chain, mean
+            # from the (clipped) x0 prediction.
+            coef1 = beta * sa_prev / one_m_ab
+            coef2 = one_m_ab_prev * jnp.sqrt(1 - beta) / one_m_ab
+            mean = coef1 * x0 + coef2 * x
+            if ddpm_variance == "fixed_small":
+                var = beta * one_m_ab_prev / one_m_ab
+            else:
+                var = beta  # sigma^2 = beta_t, the DDPM paper's other choice
+            # No noise on the final step (DDPM Algorithm 2, z = 0 at t = 1).
+            x_new = mean + jnp.where(k > 0, jnp.sqrt(var), 0.0).astype(dtype) * z
+        return blend(x_new, img, sa_prev, s1a_prev, noise, k == 0)
 
-    x = jax.random.normal(init_rng, shape, dtype)
-    if use_python_loop:
-        for i in range(int(num_steps)):
-            x = body(i, x)
-        return x
-    return jax.lax.fori_loop(0, jnp.asarray(num_steps, jnp.int32), body, x)
+    t0 = grid(jnp.asarray(num_steps, jnp.int32) - 1 - skip)
+    x = start(noise, img, sa_all[t0], s1a_all[t0], noise)
+    return _finish(run_steps(body, steps, x, use_python_loop), img, steps)
+
+
+def _img2img(init, strength, inpaint_mask, shape, dtype, num_steps, num_timesteps):
+    """(Img2Img or None, loop steps m) from sample's img2img arguments."""
+    img2img.check_strength(strength)
+    if init is None:
+        if inpaint_mask is not None:
+            raise ValueError("inpaint_mask needs init: pass the image (or latent) to inpaint")
+        if isinstance(strength, (int, float)) and strength != 1.0:
+            raise ValueError(f"strength={strength} needs init: pass the image (or latent) "
+                             "to start from, or leave strength at 1.0")
+        return None, num_steps
+    if tuple(jnp.shape(init)) != tuple(shape):
+        raise ValueError(f"init has shape {tuple(jnp.shape(init))}; it must have the sample "
+                         f"shape {tuple(shape)}")
+    mask, from_noise = None, jnp.bool_(False)
+    if inpaint_mask is not None:
+        try:
+            fits = (jnp.ndim(inpaint_mask) == len(shape) and
+                    np.broadcast_shapes(jnp.shape(inpaint_mask), tuple(shape)) == tuple(shape))
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"inpaint_mask has shape {tuple(jnp.shape(inpaint_mask))}; it must "
+                             f"broadcast to the sample shape {tuple(shape)}, e.g. (N, H, W, 1)")
+        mask = jnp.asarray(inpaint_mask, dtype)
+        # diffusers' inpaint pipeline starts from its plain x_T at strength 1.
+        from_noise = jnp.asarray(strength) >= 1
+    m = img2img.run_length(num_steps, strength, num_timesteps)
+    img = img2img.Img2Img(jnp.asarray(init, dtype), jnp.asarray(num_steps, jnp.int32) - m,
+                          mask, from_noise)
+    return img, m
+
+
+def _finish(x, img, steps):
+    # With no steps to run the result is init itself, not init noised.
+    return x if img is None else jnp.where(steps == 0, img.init, x)
