@@ -1,4 +1,6 @@
-"""Train a model: python train.py --config=configs/ddpm_shapes.py --workdir=DIR [--config.a.b=v ...]
+"""Train a model: python train.py --config=configs/ldm_kl8.py [--workdir=DIR] [--config.a.b=v ...]
+
+--workdir defaults to workdirs/NAME for --config=configs/NAME.py.
 
 Re-running the same command resumes from the latest checkpoint in DIR; a config that differs
 from the checkpoint's in more than logging/sampling/checkpoint intervals is refused unless the
@@ -15,7 +17,8 @@ from ldm_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file under configs/.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples "
+                               "(default: workdirs/NAME for --config=configs/NAME.py).")
 _ALLOW = flags.DEFINE_list("allow_config_change", [], "When resuming: config fields (a.b,c.d, or "
                            "'all') that may differ from the checkpoint's, for changes you mean.")
 cli.define_distributed_flags()
@@ -24,9 +27,10 @@ cli.define_distributed_flags()
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; options are written --name=value")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        cli.fail("both --config=configs/NAME.py and --workdir=DIR are required")
-    cli.check_workdir(_WORKDIR.value)  # creates nothing: train() writes the workdir
+    if _CONFIG.value is None:
+        cli.fail("--config=configs/NAME.py is required")
+    workdir = _WORKDIR.value or cli.default_workdir(sys.argv)
+    cli.check_workdir(workdir)  # creates nothing: train() writes the workdir
     from ldm_jax.config_utils import validate
     with cli.readable_errors():
         validate(_CONFIG.value)  # bad values fail here, before a multi-host job starts up
@@ -34,7 +38,7 @@ def main(argv):
     cli.enable_compilation_cache()
     from ldm_jax.training.loop import train  # after distributed start-up: it touches devices
     with cli.readable_errors():
-        train(_CONFIG.value, _WORKDIR.value, allow_changes=_ALLOW.value)
+        train(_CONFIG.value, workdir, allow_changes=_ALLOW.value)
 
 
 if __name__ == "__main__":

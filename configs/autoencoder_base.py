@@ -15,10 +15,14 @@ def get_config():
     config.seed = 0
 
     config.data = dict(
-        name="shapes",          # "shapes" (embedded) or "cifar10" (tfds, prepared by you)
+        name="shapes",          # "shapes" (embedded), "cifar10" or "tfds" (prepared by you)
         data_dir="",
         image_size=64,
         num_train=20000,
+        tfds_name="",           # name "tfds": any tfds dataset prepared in array_record format
+        image_key="image",
+        label_key="",           # unused by autoencoders
+        num_classes=0,
         random_flip=False,
         num_threads=2,
         prefetch=4,

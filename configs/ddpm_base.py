@@ -14,6 +14,10 @@ def get_config():
         data_dir="",            # tfds data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
         image_size=32,
         num_train=20000,        # shapes only: how many training images to generate
+        tfds_name="",           # name "tfds": any tfds dataset prepared in array_record format
+        image_key="image",      # tfds: the image feature (centre-cropped, resized to image_size)
+        label_key="label",      # tfds: the class feature, exposed as the label "label"
+        num_classes=0,          # tfds: values of label_key; 0 reads its ClassLabel
         random_flip=True,
         num_threads=2,          # grain reader threads per process
         prefetch=4,             # batches prefetched per process

@@ -25,6 +25,9 @@ def get_config():
         concat="none",          # none | inpaint (mask + masked-image latents) | lowres (4x SR)
         p_uncond=0.1,           # fraction trained with the empty caption / withheld labels
         inpaint_full_mask_prob=0.25,  # inpaint: fraction of training masks covering everything
+        class_context=False,    # labels as cross-attention tokens (LDM's ClassEmbedder) instead
+                                # of an embedding added to the time embedding
+        class_embed_dim=512,    # class_context: token width (the U-Net's context width)
     )
     config.text_encoder = dict(
         max_length=32,          # tokens per caption, [BOS] and [EOS] included

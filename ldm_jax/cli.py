@@ -71,6 +71,12 @@ def check_workdir(path: str, flag: str = "--workdir") -> None:
              "pass a directory you can write to")
 
 
+def default_workdir(argv) -> str:
+    """workdirs/NAME for --config=configs/NAME.py: where train.py writes without --workdir."""
+    name = os.path.splitext(os.path.basename(_config_path(argv) or "run"))[0]
+    return os.path.join("workdirs", name)
+
+
 def fail(message: str, code: int = 2):
     """Print one line naming the cause and exit."""
     print(f"error: {message}", file=sys.stderr)

@@ -63,7 +63,12 @@ def check_data(data) -> None:
     """The dataset fields every stage reads."""
     from ldm_jax.data import shapes
 
-    one_of(data.name, ("shapes", "cifar10"), "data.name")
+    one_of(data.name, ("shapes", "cifar10", "tfds"), "data.name")
+    if data.name == "tfds":
+        at_least(data.image_size, 8, "data.image_size", "pixels per side")
+        if data.num_classes < 0:
+            raise ConfigError(f"data.num_classes={data.num_classes} is negative; 0 reads it "
+                              "from the dataset")
     if data.name == "shapes":
         one_of(data.image_size, shapes.ALLOWED_IMAGE_SIZES, "data.image_size (shapes dataset)")
         at_least(data.num_train, 1, "data.num_train", "images to generate")

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Install the package into .venv (created if missing), train the default DDPM on the embedded
-# shapes dataset, and write a sample grid. Extra arguments go to train.py (e.g. --config.training.num_steps=100).
+# Install the package into .venv (created if missing), then the embedded text-to-image job:
+# train the KL-f8 first stage on the 64x64 shapes dataset, train the latent text-to-image
+# model on its latents, and write a grid of test-split captions (held-out colour-shape pairs
+# included) beside their samples. Extra arguments go to the latent model's train.py (e.g.
+# --config.training.num_steps=300); AE_ARGS to the first stage's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORKDIR=${WORKDIR:-workdirs/ddpm_shapes}
+AE_WORKDIR=${AE_WORKDIR:-workdirs/autoencoder_kl_f8_shapes}
+WORKDIR=${WORKDIR:-workdirs/ldm_kl8}
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
-.venv/bin/python train.py --config=configs/ddpm_shapes.py --workdir="$WORKDIR" "$@"
-.venv/bin/python sample.py --workdir="$WORKDIR" --num=16 --steps=50 --seed=0 \
+# shellcheck disable=SC2086
+.venv/bin/python train.py --config=configs/autoencoder_kl_f8_shapes.py --workdir="$AE_WORKDIR" ${AE_ARGS:-}
+.venv/bin/python train.py --config=configs/ldm_kl8.py --workdir="$WORKDIR" \
+  --config.first_stage.workdir="$AE_WORKDIR" "$@"
+.venv/bin/python sample.py --workdir="$WORKDIR" --num=16 --split=test --seed=0 \
   --out="$WORKDIR/samples/final_grid.png"

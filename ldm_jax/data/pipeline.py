@@ -37,6 +37,9 @@ def load_source(data_config, split: str = "train", prepare: bool = True):
                 f"CIFAR-10 is not prepared in array_record format under {data_dir!r} ({type(e).__name__}); "
                 "run `tfds build cifar10 --file_format=array_record --data_dir=DIR` once and pass "
                 "--config.data.data_dir=DIR") from None
+    if data_config.name == "tfds":
+        from ldm_jax.data import tfds_source
+        return tfds_source.load(data_config, split)
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
@@ -53,6 +56,11 @@ def label_sizes(data_config) -> dict:
         return dict(shapes.LABEL_SIZES)
     if data_config.name == "cifar10":
         return {"label": 10}
+    if data_config.name == "tfds":
+        if not data_config.label_key:
+            return {}
+        from ldm_jax.data import tfds_source
+        return {"label": tfds_source.num_classes(data_config)}
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 

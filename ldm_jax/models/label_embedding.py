@@ -52,3 +52,22 @@ class VectorEmbedding(nn.Module):
             vector.astype(self.dtype))
         return nn.Dense(self.features, dtype=self.dtype, kernel_init=lecun_normal,
                         name="dense2")(nn.silu(h))
+
+
+class LabelTokens(nn.Module):
+    """Labels as a sequence of `features`-wide tokens, one per label (B, K, features), for a
+    U-Net to cross-attend to: LDM's ClassEmbedder for its class-conditional models. Row 0 of
+    each table is DROPPED, the unconditional token of classifier-free guidance."""
+    sizes: Sequence[int]
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels):
+        if labels.ndim != 2 or labels.shape[1] != len(self.sizes):
+            raise ValueError(f"labels must have shape (batch, {len(self.sizes)}), got {labels.shape}")
+        tokens = [nn.Embed(size + _OFFSET, self.features, dtype=self.dtype,
+                           embedding_init=nn.initializers.normal(1.0),
+                           name=f"label{i}")(labels[:, i] + _OFFSET)
+                  for i, size in enumerate(self.sizes)]
+        return jnp.stack(tokens, axis=1)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from ldm_jax.config_checks import ConfigError
+from ldm_jax.models.concat_inputs import LOWRES_FACTOR
 from ldm_jax.stages import first_stage as first_stage_lib
 from ldm_jax.stages import ldm_checks, ldm_text
 from ldm_jax.stages.api import StageRun
@@ -41,6 +42,10 @@ def build_parts(config, first, tok):
     except ValueError as e:
         raise ConfigError(f"latents of {size}x{size} (image {config.data.image_size}, first "
                           f"stage f={first.factor}): {e}") from None
+    if config.conditioning.concat == "lowres" and first.factor % LOWRES_FACTOR:
+        raise ConfigError(f"conditioning.concat=lowres stacks the {LOWRES_FACTOR}x smaller "
+                          f"image onto the latents, which needs a first stage with f a multiple "
+                          f"of {LOWRES_FACTOR}; this one has f={first.factor}")
     model = ldm_step.build_model(config, tok.vocab_size if tok else None, first.channels,
                                  first.factor)
     return model, ddpm_stage.build_schedule(config)
@@ -69,6 +74,8 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         if "text_encoder" in abstract.params:
             parts.append(f"text encoder {_count(abstract.params['text_encoder']):,} "
                          f"(vocabulary {tok.vocab_size})")
+        if "class_embedder" in abstract.params:
+            parts.append(f"class tokens {_count(abstract.params['class_embedder']):,}")
         parts.append(f"frozen {first.kind.upper()}-f{first.factor} first stage (step "
                      f"{first.step}, latents {shape[1]}x{shape[2]}x{shape[3]}, scale "
                      f"{first.scale:.5f})")

@@ -53,6 +53,13 @@ def _check_conditioning(config) -> None:
                           f"dataset; choose from {sorted(available)}")
     if len(set(keys)) != len(keys):
         raise ConfigError(f"model.label_keys {list(keys)} names a label twice")
+    if c.class_context:
+        if not keys:
+            raise ConfigError("conditioning.class_context needs labels: set model.label_keys")
+        if c.text:
+            raise ConfigError("conditioning.class_context and conditioning.text both fill the "
+                              "cross-attention context; choose one")
+        at_least(c.class_embed_dim, 1, "conditioning.class_embed_dim", "token width")
     if c.text and config.data.name != "shapes":
         raise ConfigError(f"conditioning.text needs captions; the {config.data.name} dataset "
                           "has none (the shapes dataset has)")

@@ -32,6 +32,7 @@ class LatentModel:
     labels (B, K), ids / mask (B, L) caption tokens, concat (B, h, w, C) extra channels."""
     unet: UNet
     text_encoder: Any = None
+    class_embedder: Any = None  # labels as cross-attention tokens (LDM's ClassEmbedder)
 
     def encode_text(self, params, ids, mask):
         return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
@@ -40,11 +41,15 @@ class LatentModel:
         """The U-Net's output; `context` (already encoded text) skips encoding cond's ids."""
         if self.text_encoder is not None and context is None:
             context = self.encode_text(params, cond["ids"], cond["mask"])
+        labels, mask = cond.get("labels"), cond.get("mask")
+        if self.class_embedder is not None:
+            context = self.class_embedder.apply({"params": params["class_embedder"]}, labels)
+            labels = mask = None  # every label token is attended to
         x = x_t if cond.get("concat") is None else jnp.concatenate(
             [x_t, cond["concat"].astype(x_t.dtype)], axis=-1)
-        return self.unet.apply({"params": params["unet"]}, x, t, labels=cond.get("labels"),
+        return self.unet.apply({"params": params["unet"]}, x, t, labels=labels,
                                context=context,
-                               context_mask=cond.get("mask") if context is not None else None,
+                               context_mask=mask if context is not None else None,
                                train=train, rngs=rngs)
 
 
@@ -59,25 +64,33 @@ def build_model(config, vocab_size: int | None, latent_channels: int, factor: in
         text = TextTransformer(vocab_size=vocab_size, max_length=te.max_length, width=te.width,
                                depth=te.depth, heads=te.heads, causal=te.causal, dtype=dtype)
     extra = concat_inputs.extra_channels(c.concat, latent_channels, factor)
+    labels = label_sizes(config)
+    classes = None
+    context_dim = config.text_encoder.width if c.text else None
+    if c.class_context and labels:
+        from ldm_jax.models.label_embedding import LabelTokens
+        classes = LabelTokens(labels, c.class_embed_dim, dtype=dtype)
+        labels, context_dim = (), c.class_embed_dim
     unet = UNet(base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attention_levels=tuple(m.attention_levels),
                 num_heads=m.num_heads, head_dim=m.head_dim or None, dropout=m.dropout,
                 norm_groups=m.norm_groups, norm_eps=1e-5, downsample_padding=1,
                 in_channels=latent_channels + extra, out_channels=latent_channels,
                 freq_shift=0.0, flip_sin_to_cos=True,
-                context_dim=config.text_encoder.width if c.text else None,
-                transformer_depth=m.transformer_depth,
+                context_dim=context_dim, transformer_depth=m.transformer_depth,
                 use_linear_projection=m.use_linear_projection, remat=m.remat,
-                label_sizes=label_sizes(config), dtype=dtype)
-    return LatentModel(unet=unet, text_encoder=text)
+                label_sizes=labels, dtype=dtype)
+    return LatentModel(unet=unet, text_encoder=text, class_embedder=classes)
 
 
 def example_cond(config, model: LatentModel, latent_shape: tuple) -> dict:
     """Zero conditioning inputs of the right shapes (for init and shape checks)."""
     b, h, w, ch = latent_shape
     cond = {}
-    if model.unet.label_sizes:
-        cond["labels"] = jnp.zeros((b, len(model.unet.label_sizes)), jnp.int32)
+    sizes = (model.class_embedder.sizes if model.class_embedder is not None
+             else model.unet.label_sizes)
+    if sizes:
+        cond["labels"] = jnp.zeros((b, len(sizes)), jnp.int32)
     if model.text_encoder is not None:
         L = config.text_encoder.max_length
         cond["ids"] = jnp.zeros((b, L), jnp.int32)
@@ -101,13 +114,20 @@ def init_state(config, model: LatentModel, tx, rng, latent_shape: tuple) -> Trai
     context = None
     if model.text_encoder is not None:
         context = jnp.zeros((1, config.text_encoder.max_length, config.text_encoder.width))
+    labels = cond.get("labels")
+    if model.class_embedder is not None:
+        params["class_embedder"] = init_from_one_draw(
+            lambda k: model.class_embedder.init({"params": k}, labels),
+            jax.random.fold_in(init_rng, 2))["params"]
+        context = model.class_embedder.apply({"params": params["class_embedder"]}, labels)
+        labels = None
     x = jnp.zeros(shape, jnp.float32)
     if "concat" in cond:
         x = jnp.concatenate([x, cond["concat"]], axis=-1)
     params["unet"] = init_from_one_draw(
         lambda k: model.unet.init({"params": k}, x, jnp.zeros((1,), jnp.int32),
-                                  labels=cond.get("labels"), context=context,
-                                  context_mask=cond.get("mask") if context is not None else None),
+                                  labels=labels, context=context,
+                                  context_mask=cond.get("mask") if model.text_encoder else None),
         init_rng)["params"]
     return TrainState.create(params, tx, state_rng)
 
