@@ -19,6 +19,7 @@ def get_config():
         config="configs/autoencoder_kl_f8_shapes.py",  # how to train it (named in errors)
         latent_channels=4,      # must equal the autoencoder's latent channels
         use_ema=True,           # the autoencoder's EMA weights when it kept them
+        posterior="sample",     # KL latents: a posterior sample (LDM) or its mean ("mode")
     )
     config.conditioning = dict(
         text=False,             # cross-attention to the encoded caption

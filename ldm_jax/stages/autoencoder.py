@@ -137,11 +137,12 @@ def _reconstruct_fn(model):
 
 
 def _encode_fn(model, kind):
+    """(posterior samples, posterior means) of KL latents; VQ: the quantised latents twice."""
     @jax.jit
     def encode(params, model_state, x, key):
         variables = {"params": params["autoencoder"], **model_state}
         out = model.apply(variables, x, train=False, method=model.encode)
-        return out.sample(key) if kind == "kl" else out[0]
+        return (out.sample(key), out.mode()) if kind == "kl" else (out[0], out[0])
     return encode
 
 
@@ -193,30 +194,38 @@ class _Evaluator:
 def write_latent_scale(config, model, params, model_state, workdir, step, source,
                        is_main) -> str:
     """LDM's scale_by_std: 1/std of posterior samples over latent.num_images training images
-    (or the fixed scale), written to WORKDIR/latent_scale.json for the latent stage."""
+    (or the fixed scale), and the same for the posterior means, written to
+    WORKDIR/latent_scale.json for the latent stage."""
     lat = config.latent
     record = {"step": int(step), "mode": lat.scale}
     if lat.scale == "fixed":
-        record["scale"] = float(lat.fixed_scale)
+        record["scale"] = record["mode_scale"] = float(lat.fixed_scale)
     else:
         encode = _encode_fn(model, config.model.kind)
         n = min(lat.num_images, len(source))
         batch = config.training.num_samples
-        latents = []
+        samples, means = [], []
         for i, start in enumerate(range(0, n, batch)):
             x = np.stack([np.asarray(source[j]["image"], np.float32) / 127.5 - 1.0
                           for j in range(start, min(start + batch, n))])
             key = jax.random.fold_in(jax.random.PRNGKey(config.seed), i)
-            latents.append(np.asarray(jax.device_get(encode(params, model_state, x, key))))
-        z = np.concatenate(latents)
+            z, mean = jax.device_get(encode(params, model_state, x, key))
+            samples.append(np.asarray(z))
+            means.append(np.asarray(mean))
+        z = np.concatenate(samples)
         std = float(np.std(z.astype(np.float64)))
-        record.update(scale=1.0 / std, std=std, num_images=n, latent_shape=list(z.shape[1:]))
+        # A latent model may also be trained on the posterior means (first_stage.posterior):
+        # their std differs where the encoder leaves a channel's variance unregularised.
+        mode_std = float(np.std(np.concatenate(means).astype(np.float64)))
+        record.update(scale=1.0 / std, std=std, mode_scale=1.0 / mode_std, mode_std=mode_std,
+                      num_images=n, latent_shape=list(z.shape[1:]))
     if is_main:
         path = os.path.join(workdir, LATENT_SCALE_FILE)
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=2)
         os.replace(path + ".tmp", path)
-    return f"latent scale {record['scale']:.5f} ({lat.scale}) written to {LATENT_SCALE_FILE}"
+    return (f"latent scale {record['scale']:.5f} (posterior means: {record['mode_scale']:.5f}; "
+            f"{lat.scale}) written to {LATENT_SCALE_FILE}")
 
 
 def restore_for_use(workdir, config, step, use_ema):

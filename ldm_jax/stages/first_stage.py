@@ -25,6 +25,7 @@ class FirstStage:
     model: Any
     kind: str           # kl | vq
     scale: float        # latents are multiplied by it before diffusion
+    posterior: str      # sample | mode: which KL latents the diffusion model sees
     factor: int         # image pixels per latent pixel, per side
     channels: int       # latent channels
     step: int           # the autoencoder checkpoint used
@@ -32,11 +33,14 @@ class FirstStage:
     params: Any = None  # {"params": ..., "model_state": ...}: what `encode`/`decode` take
 
     def encode(self, frozen, images, key):
-        """[-1, 1] NHWC images -> scaled latents (a posterior sample for KL, the quantised
-        latents for VQ)."""
+        """[-1, 1] NHWC images -> scaled latents (a posterior sample or mean for KL, the
+        quantised latents for VQ)."""
         variables = {"params": frozen["params"]["autoencoder"], **frozen["model_state"]}
         out = self.model.apply(variables, images, train=False, method=self.model.encode)
-        z = out.sample(key) if self.kind == "kl" else out[0]
+        if self.kind == "kl":
+            z = out.sample(key) if self.posterior == "sample" else out.mode()
+        else:
+            z = out[0]
         return jax.lax.stop_gradient(z) * self.scale
 
     def decode(self, frozen, latents):
@@ -46,7 +50,8 @@ class FirstStage:
 
     def record(self) -> dict:
         return {"workdir": self.workdir, "step": self.step, "scale": self.scale,
-                "kind": self.kind, "factor": self.factor, "channels": self.channels}
+                "posterior": self.posterior, "kind": self.kind, "factor": self.factor,
+                "channels": self.channels}
 
 
 def _train_hint(config, workdir: str) -> str:
@@ -102,20 +107,27 @@ def load(config, mesh, record: dict | None = None) -> FirstStage:
     from ldm_jax.stages import autoencoder
 
     info = inspect(config, record["workdir"] if record else None)
-    scale = info["scale"]
-    step = int(scale["step"])
+    posterior = record.get("posterior", "sample") if record else config.first_stage.posterior
+    stored = info["scale"]
+    key = "scale" if posterior == "sample" else "mode_scale"
+    if key not in stored:
+        raise ConfigError(f"{info['workdir']}/latent_scale.json predates first_stage.posterior="
+                          f"'mode'; recompute it with `python sample.py --workdir="
+                          f"{info['workdir']} --latent_scale`")
+    scale, step = float(stored[key]), int(stored["step"])
     if record is not None and (int(record["step"]) != step
-                               or abs(float(record["scale"]) - scale["scale"]) > 1e-12):
+                               or abs(float(record["scale"]) - scale) > 1e-12):
         raise ConfigError(
             f"the first stage in {info['workdir']} changed since this run started (it used "
             f"step {record['step']}, scale {record['scale']:.6g}; now step {step}, scale "
-            f"{scale['scale']:.6g}); the latent model only fits the first; restore that "
+            f"{scale:.6g}); the latent model only fits the first; restore that "
             "autoencoder or train the latent model again in a new --workdir")
     model, params, model_state, step = autoencoder.restore_for_use(
         info["workdir"], info["config"], step, config.first_stage.use_ema)
     frozen = jax.device_put({"params": params, "model_state": model_state},
                             parallel.replicated(mesh))
-    return FirstStage(model=model, kind=info["config"].model.kind, scale=float(scale["scale"]),
+    return FirstStage(model=model, kind=info["config"].model.kind, scale=scale,
+                      posterior=posterior,
                       factor=info["factor"], channels=info["channels"], step=step,
                       workdir=info["workdir"], params=frozen)
 

@@ -30,6 +30,7 @@ def validate(config) -> None:
     check_sampling(s, d.num_timesteps)
     at_least(config.first_stage.latent_channels, 1, "first_stage.latent_channels",
              "latent channels")
+    one_of(config.first_stage.posterior, ("sample", "mode"), "first_stage.posterior")
     _check_conditioning(config)
     _check_model(config.model)
     check_training(config)
