@@ -47,7 +47,7 @@ def get_config():
     config.loss = dict(
         perceptual_weight=1.0,  # LPIPS; needs loss.lpips_path, else set 0
         lpips_path="",          # LPIPS weights converted with `python -m ldm_jax.convert.lpips_weights`
-        pixel_loss="l1",        # vq only: l1 | l2
+        pixel_loss="l1",        # l1 (LDM's KL and taming's VQ losses) | l2
         kl_weight=1e-6,
         codebook_weight=1.0,
         logvar_init=0.0,

@@ -36,6 +36,8 @@ def get_config():
         depth=2,
         heads=4,
         causal=False,           # LDM's jointly trained encoder sees the whole caption
+        pretrained="",          # a folder with a pretrained encoder (text_encoder_io), kept
+                                # frozen; "": trained jointly from scratch
     )
     # The LDM U-Net (SD v1's layout): attention at the levels listed in attention_levels,
     # cross-attending to the text when conditioning.text.

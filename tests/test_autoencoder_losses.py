@@ -173,3 +173,13 @@ def test_bf16_inputs_compute_in_float32():
     x = jnp.ones((2, 4, 4, 3), jnp.bfloat16)
     out = L.nll_loss(x, x * 0.5, jnp.ones((2,), jnp.bfloat16))
     assert out["nll_loss"].dtype == jnp.float32
+
+
+def test_nll_with_l2_pixels_sums_squares():
+    """loss.pixel_loss="l2" for KL autoencoders: squared errors in the same NLL."""
+    x = jnp.zeros((2, 3, 3, 3))
+    xrec = jnp.full((2, 3, 3, 3), 0.5).at[0, 0, 0, 0].set(2.0)
+    l1 = L.nll_loss(x, xrec, logvar=0.0)["nll_loss"]
+    l2 = L.nll_loss(x, xrec, logvar=0.0, pixel_loss="l2")["nll_loss"]
+    np.testing.assert_allclose(l1, (53 * 0.5 + 2.0) / 2, rtol=1e-6)
+    np.testing.assert_allclose(l2, (53 * 0.25 + 4.0) / 2, rtol=1e-6)

@@ -227,7 +227,7 @@ def test_concat_conditioned_train_step_shapes(shapes_data_dir, first_stage_dir, 
                            jax.random.PRNGKey(0))
     step = ldm_step.make_train_step(config, model, first, schedule, tx, lambda s: 1e-3, None)
     batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)}
-    new_state, metrics = jax.eval_shape(step, state, batch, first.params)
+    new_state, metrics = jax.eval_shape(step, state, batch, {"first_stage": first.params})
     assert metrics["loss"].shape == ()
     assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
 
@@ -293,6 +293,38 @@ def test_cli_train_then_sample_with_metadata(shapes_data_dir, first_stage_dir, t
     assert r.returncode == 2 and "not label-conditioned" in r.stderr
 
 
+def test_pretrained_text_encoder_stays_frozen(parts, shapes_data_dir, first_stage_dir,
+                                              tmp_path):
+    """text_encoder.pretrained: the encoder's params come from the folder, are not trained or
+    checkpointed, and sampling reads them back from there."""
+    from ldm_jax.models import text_encoder_io
+    config, _, tok, model, _, params = parts
+    folder = str(tmp_path / "encoder")
+    text_encoder_io.save_pretrained(folder, model.text_encoder, params["text_encoder"], tok)
+    workdir = str(tmp_path / "ldm")
+    overrides = {"text_encoder.pretrained": folder, "training.num_steps": 2}
+    train(tiny_ldm_config(shapes_data_dir, first_stage_dir, **overrides), workdir)
+    loaded_config = __import__("ldm_jax.config_utils", fromlist=["x"]).load_config(workdir)
+    loaded = ldm_sample.load_workdir(workdir, loaded_config, parallel.make_mesh())
+    # the U-Net trained, the encoder is exactly the pretrained one
+    for a, b in zip(jax.tree_util.tree_leaves(loaded.params["text_encoder"]),
+                    jax.tree_util.tree_leaves(params["text_encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the checkpoint's arrays (orbax names each by its base64 tree path) are the U-Net's only
+    import base64
+    with open(os.path.join(workdir, "checkpoints", "2", "state", "_sharding")) as f:
+        paths = [base64.b64decode(k).decode() for k in json.load(f)]
+    assert any(p.startswith("params.unet.") for p in paths)
+    assert not any("text_encoder" in p for p in paths), paths[:5]
+    wrong = tiny_ldm_config(shapes_data_dir, first_stage_dir, **overrides,
+                            **{"text_encoder.width": 64})
+    with pytest.raises(ConfigError, match="--config.text_encoder.width=32"):
+        ldm_stage.ldm_text.pretrained_encoder(wrong)
+    os.remove(os.path.join(folder, text_encoder_io.PARAMS_FILE))
+    with pytest.raises(ConfigError, match="has no text_encoder.msgpack"):
+        ldm_stage.ldm_text.pretrained_encoder(wrong)
+
+
 # ------------------------------------------------------------------ paper configs, tfds data
 
 
@@ -341,7 +373,7 @@ def test_class_context_train_step_traces(shapes_data_dir, first_stage_dir):
     step = ldm_step.make_train_step(config, model, first, schedule, tx, lambda s: 1e-3, None)
     batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
              "labels": jax.ShapeDtypeStruct((8, 1), jnp.int32)}
-    _, metrics = jax.eval_shape(step, state, batch, first.params)
+    _, metrics = jax.eval_shape(step, state, batch, {"first_stage": first.params})
     assert metrics["loss"].shape == ()
     config.conditioning.text = True
     with pytest.raises(ConfigError, match="choose one"):

@@ -124,10 +124,12 @@ def reconstruction_loss(x, xrec, lpips_per_image=None, perceptual_weight=1.0, pi
     return rec
 
 
-def nll_loss(x, xrec, lpips_per_image=None, logvar=0.0, perceptual_weight=1.0, weights=None):
+def nll_loss(x, xrec, lpips_per_image=None, logvar=0.0, perceptual_weight=1.0, weights=None,
+             pixel_loss="l1"):
     """latent-diffusion's NLL under a Laplace-like likelihood with one learned log-variance.
 
-        rec = |x - xrec| + perceptual_weight * lpips           (see reconstruction_loss)
+        rec = |x - xrec| + perceptual_weight * lpips           (see reconstruction_loss;
+                                                                (x - xrec)^2 with "l2")
         nll = rec / exp(logvar) + logvar
         nll_loss = sum(nll) / B;  weighted_nll_loss = sum(weights * nll) / B  (weights=None: 1)
 
@@ -135,7 +137,7 @@ def nll_loss(x, xrec, lpips_per_image=None, logvar=0.0, perceptual_weight=1.0, w
     unless `weights` is given), rec_loss (mean of rec, perceptual part included, as the
     reference logs it). The adaptive weight uses nll_loss, not weighted_nll_loss.
     """
-    rec = reconstruction_loss(x, xrec, lpips_per_image, perceptual_weight)
+    rec = reconstruction_loss(x, xrec, lpips_per_image, perceptual_weight, pixel_loss)
     logvar = _f(logvar)
     nll = rec / jnp.exp(logvar) + logvar
     b = rec.shape[0]

@@ -33,8 +33,9 @@ def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def build_parts(config, first, tok):
-    """(model, schedule) for a run whose first stage and tokenizer are known."""
+def build_parts(config, first, tok, text_encoder=None):
+    """(model, schedule) for a run whose first stage and tokenizer (and pretrained text
+    encoder, if any) are known."""
     from ldm_jax.models.unet import check_input_size
     size = config.data.image_size // first.factor
     try:
@@ -47,7 +48,7 @@ def build_parts(config, first, tok):
                           f"image onto the latents, which needs a first stage with f a multiple "
                           f"of {LOWRES_FACTOR}; this one has f={first.factor}")
     model = ldm_step.build_model(config, tok.vocab_size if tok else None, first.channels,
-                                 first.factor)
+                                 first.factor, text_encoder=text_encoder)
     return model, ddpm_stage.build_schedule(config)
 
 
@@ -61,9 +62,14 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
     first = first_stage_lib.load(config, mesh, record)
     if record is None and is_main:
         first_stage_lib.write_record(first, workdir)
-    tok = (ldm_text.workdir_tokenizer(config, workdir, source, is_main)
-           if config.conditioning.text else None)
-    model, schedule = build_parts(config, first, tok)
+    tok, text_module, text_params = ldm_text.text_parts(config, workdir, source, is_main)
+    model, schedule = build_parts(config, first, tok, text_module)
+    frozen = {"first_stage": first.params}
+    fixed = {}  # untrained parts of the model, merged into the params wherever they are used
+    if text_params is not None:
+        from ldm_jax import parallel
+        fixed["text_encoder"] = jax.device_put(text_params, parallel.replicated(mesh))
+        frozen.update(fixed)
     tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
     shape = first_stage_lib.latent_shape(config, first, 1)
     step = ldm_step.make_train_step(config, model, first, schedule, tx, lr_fn,
@@ -74,6 +80,9 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         if "text_encoder" in abstract.params:
             parts.append(f"text encoder {_count(abstract.params['text_encoder']):,} "
                          f"(vocabulary {tok.vocab_size})")
+        if fixed:
+            parts.append(f"frozen pretrained text encoder {_count(fixed['text_encoder']):,} "
+                         f"(vocabulary {tok.vocab_size})")
         if "class_embedder" in abstract.params:
             parts.append(f"class tokens {_count(abstract.params['class_embedder']):,}")
         parts.append(f"frozen {first.kind.upper()}-f{first.factor} first stage (step "
@@ -82,20 +91,22 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         return "; ".join(parts)
 
     from ldm_jax.stages.ldm_sample import GridWriter, image_maker_for
-    grids = GridWriter(config, model, first, schedule, mesh, workdir, is_main, tok)
+    grids = GridWriter(config, model, first, schedule, mesh, workdir, is_main, tok, fixed)
     evaluate = None
     if config.eval.every:
         from ldm_jax.evaluation.evaluator import training_evaluator
         evaluate = training_evaluator(
             config, mesh, image_maker_for(config, mesh, model, first, schedule, tok),
-            lambda state: state.ema_params if config.sampling.use_ema else state.params)
+            lambda state: {**(state.ema_params if config.sampling.use_ema else state.params),
+                           **fixed})
     return StageRun(
-        init=lambda key: ldm_step.init_state(config, model, tx, key, shape),
+        init=lambda key: ldm_step.init_state(config, model, tx, key, shape,
+                                             frozen_text=bool(fixed)),
         train_step=step,
         describe=describe,
         label_keys=tuple(config.model.label_keys),
         record_fields=ldm_text.record_fields(tok) if tok else None,
-        frozen=first.params,
+        frozen=frozen,
         periodic=grids if config.training.sample_every else None,
         evaluate=evaluate, evaluate_every=config.eval.every)
 

@@ -55,13 +55,23 @@ def load_workdir(workdir, config, mesh, step=None, use_ema=True) -> Loaded:
                                 "missing: it names the first stage this model was trained on")
     first = first_stage_lib.load(config, mesh, record)
     tok = ldm_text.load_tokenizer(workdir) if config.conditioning.text else None
-    model, schedule = build_parts(config, first, tok)
+    module, fixed = _pretrained_text(config, mesh)
+    model, schedule = build_parts(config, first, tok, module)
     shape = first_stage_lib.latent_shape(config, first, 1)
     abstract = jax.eval_shape(
-        lambda k: ldm_step.init_state(config, model, optax.identity(), k, shape),
+        lambda k: ldm_step.init_state(config, model, optax.identity(), k, shape,
+                                      frozen_text=bool(fixed)),
         jax.random.PRNGKey(0)).params
     params, step = generate.checkpoint_params(workdir, abstract, mesh, use_ema, step)
-    return Loaded(model, first, schedule, tok, params, step)
+    return Loaded(model, first, schedule, tok, {**params, **fixed}, step)
+
+
+def _pretrained_text(config, mesh):
+    """(module, {"text_encoder": params}) of a frozen pretrained text encoder, or (None, {})."""
+    if not (config.conditioning.text and config.text_encoder.pretrained):
+        return None, {}
+    module, params, _ = ldm_text.pretrained_encoder(config)
+    return module, {"text_encoder": jax.device_put(params, parallel.replicated(mesh))}
 
 
 def is_guided(config) -> bool:
@@ -100,9 +110,10 @@ class GridWriter:
     """During training: training.num_samples images from the captions / labels of the
     held-out split (held-out colour-shape pairs included for shapes), as a captioned grid."""
 
-    def __init__(self, config, model, first, schedule, mesh, workdir, is_main, tok):
+    def __init__(self, config, model, first, schedule, mesh, workdir, is_main, tok, fixed=None):
         self.config, self.model, self.first, self.schedule = config, model, first, schedule
         self.mesh, self.workdir, self.is_main, self.tok = mesh, workdir, is_main, tok
+        self.fixed = fixed or {}
         self.fn = None
 
     def __call__(self, state, step: int) -> list:
@@ -113,7 +124,7 @@ class GridWriter:
                                           self.mesh, is_guided(c))
             self.inputs = split_conditions(c, self.tok, self.first, "validation", n)
         cond, uncond, captions, _ = self.inputs
-        params = state.ema_params if c.sampling.use_ema else state.params
+        params = {**(state.ema_params if c.sampling.use_ema else state.params), **self.fixed}
         images = sample_latent_images(self.fn, params, self.first.params, c.seed,
                                       c.sampling.num_steps, c.sampling.eta,
                                       c.sampling.guidance_scale, cond, uncond)
@@ -195,8 +206,9 @@ def image_maker(config, mesh, workdir: str):
         raise FileNotFoundError(f"{workdir} has no {first_stage_lib.RECORD_FILE}; train first")
     first = first_stage_lib.load(config, mesh, record)
     tok = ldm_text.load_tokenizer(workdir) if config.conditioning.text else None
+    module, _ = _pretrained_text(config, mesh)
     from ldm_jax.stages.ldm import build_parts
-    model, schedule = build_parts(config, first, tok)
+    model, schedule = build_parts(config, first, tok, module)
     return image_maker_for(config, mesh, model, first, schedule, tok)
 
 

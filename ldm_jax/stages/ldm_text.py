@@ -42,6 +42,30 @@ def workdir_tokenizer(config, workdir: str, source, is_main: bool):
     return tok
 
 
+def text_parts(config, workdir: str, source, is_main: bool):
+    """(tokenizer, pretrained encoder module or None, its params or None) of a training run.
+    A pretrained encoder brings its tokenizer, copied into the workdir for sampling."""
+    if not config.conditioning.text:
+        return None, None, None
+    if not config.text_encoder.pretrained:
+        return workdir_tokenizer(config, workdir, source, is_main), None, None
+    module, params, tok = pretrained_encoder(config)
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if is_main and not os.path.exists(path):
+        os.makedirs(workdir, exist_ok=True)
+        tok.save(path)
+    return tok, module, params
+
+
+def pretrained_encoder(config):
+    """(module, params, tokenizer) of text_encoder.pretrained, checked against the config."""
+    from ldm_jax.models import text_encoder_io
+    folder = config.text_encoder.pretrained
+    module, params, tok = text_encoder_io.load_pretrained(folder)
+    text_encoder_io.check_matches_config(module, config, folder)
+    return module, params, tok
+
+
 def load_tokenizer(workdir: str):
     from ldm_jax.data import tokenizer
     path = os.path.join(workdir, TOKENIZER_FILE)

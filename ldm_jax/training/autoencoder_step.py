@@ -90,7 +90,7 @@ def make_train_step(config, model, disc, tx, disc_tx, lr_fn, kind: str):
         p = lpips_fn(lpips_params, x, xrec)
         aux = {}
         if kind == "kl":
-            terms = L.nll_loss(x, xrec, p, logvar, pw)
+            terms = L.nll_loss(x, xrec, p, logvar, pw, pixel_loss=lc.pixel_loss)
             nll = terms["nll_loss"]
             rest = lc.kl_weight * L.kl_loss(extra.kl())
             aux.update(kl_loss=L.kl_loss(extra.kl()), rec_loss=terms["rec_loss"])

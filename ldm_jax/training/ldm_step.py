@@ -54,11 +54,13 @@ class LatentModel:
 
 
 def build_model(config, vocab_size: int | None, latent_channels: int, factor: int,
-                compute_dtype: str | None = None) -> LatentModel:
+                compute_dtype: str | None = None, text_encoder=None) -> LatentModel:
+    """The latent model; `text_encoder` (a pretrained, frozen one) replaces the jointly
+    trained encoder the config describes."""
     m, c = config.model, config.conditioning
     dtype = _DTYPES[compute_dtype or config.training.compute_dtype]
-    text = None
-    if c.text:
+    text = text_encoder
+    if c.text and text is None:
         from ldm_jax.models.text_encoder import TextTransformer
         te = config.text_encoder
         text = TextTransformer(vocab_size=vocab_size, max_length=te.max_length, width=te.width,
@@ -101,13 +103,15 @@ def example_cond(config, model: LatentModel, latent_shape: tuple) -> dict:
     return cond
 
 
-def init_state(config, model: LatentModel, tx, rng, latent_shape: tuple) -> TrainState:
-    """Params and optimiser state; call under jax.jit."""
+def init_state(config, model: LatentModel, tx, rng, latent_shape: tuple,
+               frozen_text: bool = False) -> TrainState:
+    """Params and optimiser state; call under jax.jit. With `frozen_text` the text encoder's
+    params are not part of the state (they come with the frozen inputs of every step)."""
     init_rng, state_rng = jax.random.split(rng)
     shape = (1, *latent_shape[1:])
     cond = example_cond(config, model, shape)
     params = {}
-    if model.text_encoder is not None:
+    if model.text_encoder is not None and not frozen_text:
         params["text_encoder"] = init_from_one_draw(
             lambda k: model.text_encoder.init({"params": k}, cond["ids"], cond["mask"]),
             jax.random.fold_in(init_rng, 1))["params"]
@@ -165,12 +169,15 @@ def inpaint_input(first, frozen, images, mask, key):
 
 def make_train_step(config, model: LatentModel, first, schedule, tx, lr_fn, empty_tokens,
                     mesh=None):
-    """step(state, batch, frozen) -> (state, metrics); `frozen` is the first stage's params."""
+    """step(state, batch, frozen) -> (state, metrics). `frozen` holds the first stage's params
+    under "first_stage", and the parts of the model that are not trained (a pretrained text
+    encoder) under their param names."""
     d = config.diffusion
     accum = config.optimizer.grad_accum_steps
     decay = config.training.ema_decay
 
-    def loss_fn(params, z0, t, noise, cond, dropout_key):
+    def loss_fn(params, z0, t, noise, cond, dropout_key, fixed):
+        params = {**params, **fixed}
         apply = lambda x_t, tt: model.apply(params, x_t, tt, cond, train=True,
                                             rngs={"dropout": dropout_key})
         loss, _ = objectives.diffusion_loss(apply, schedule, z0, None,
@@ -184,17 +191,19 @@ def make_train_step(config, model: LatentModel, first, schedule, tx, lr_fn, empt
     def train_step(state: TrainState, batch, frozen):
         key = jax.random.fold_in(state.rng, state.step)
         encode_key, noise_key, dropout_key, cond_key = jax.random.split(key, 4)
-        z0 = first.encode(frozen, batch["image"], encode_key)
-        cond = training_cond(config, first, frozen, batch, cond_key, empty_tokens)
+        first_params = frozen["first_stage"]
+        fixed = {k: v for k, v in frozen.items() if k != "first_stage"}
+        z0 = first.encode(first_params, batch["image"], encode_key)
+        cond = training_cond(config, first, first_params, batch, cond_key, empty_tokens)
         # t and noise for the whole batch, so micro-batches see one large batch's draws.
         t, noise = objectives.draw_t_and_noise(schedule, noise_key, z0.shape,
                                                 sampling=d.timestep_sampling,
                                                 logit_mean=d.logit_mean, logit_std=d.logit_std)
         if accum == 1:
-            loss, grads = grad_fn(state.params, z0, t, noise, cond, dropout_key)
+            loss, grads = grad_fn(state.params, z0, t, noise, cond, dropout_key, fixed)
         else:
-            loss, grads = _accumulate(grad_fn, state.params, (z0, t, noise, cond), dropout_key,
-                                      accum, mesh)
+            loss, grads = _accumulate(lambda *a: grad_fn(*a, fixed), state.params,
+                                      (z0, t, noise, cond), dropout_key, accum, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
