@@ -22,9 +22,13 @@ def get_config():
     config.model.embed_dim = 4
     config.model.norm_groups = 16
     config.loss.perceptual_weight = 0.0
+    # Squared errors: the shapes cover a few percent of the pixels, and under L1 their wrong
+    # colours pulled no harder than the background's small errors. After 600 steps (lr 1e-3)
+    # L2 reached 24.2 dB at step 400 where L1 had 21.1, with the objects' colours showing.
+    config.loss.pixel_loss = "l2"
     config.loss.disc_start = 5001
     config.loss.disc_channels = 32
-    config.optimizer.lr = 5e-4
+    config.optimizer.lr = 1e-3  # 5e-4 gave 19.3 dB after 600 steps, 1e-3 22.1 dB (L1)
     config.optimizer.b1 = 0.5
     config.optimizer.b2 = 0.9
     config.optimizer.warmup_steps = 50

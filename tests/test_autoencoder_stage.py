@@ -34,6 +34,8 @@ TINY_AE = {
     "model.z_channels": 4,
     "loss.disc_channels": 8,
     "loss.disc_layers": 2,
+    "loss.pixel_loss": "l1",  # LDM's loss, which the reference computations here write out
+    "optimizer.lr": 5e-4,
     "optimizer.warmup_steps": 0,
     "optimizer.schedule": "constant",
     "training.batch_size": 8,

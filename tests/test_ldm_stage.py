@@ -83,19 +83,19 @@ def test_first_stage_errors_name_the_fix(shapes_data_dir, first_stage_dir, tmp_p
 
 
 def test_posterior_mode_uses_the_means_and_their_scale(parts):
-    config, mode = parts[0], parts[1]  # ldm_kl8 trains on the posterior means
+    config, sample = parts[0], parts[1]  # ldm_kl8 trains on posterior samples, as LDM
     stored = fs.inspect(config)["scale"]
-    assert mode.posterior == "mode" and mode.scale == pytest.approx(stored["mode_scale"])
+    assert sample.posterior == "sample" and sample.scale == pytest.approx(stored["scale"])
+    config = config.copy_and_resolve_references()
+    config.first_stage.posterior = "mode"
+    mode = fs.load(config, parallel.make_mesh())
+    assert mode.scale == pytest.approx(stored["mode_scale"])
     x, _ = _images(config, 8)
     variables = {"params": mode.params["params"]["autoencoder"]}
     mean = mode.model.apply(variables, jnp.asarray(x), method=mode.model.encode).mode()
     z = mode.encode(mode.params, jnp.asarray(x), jax.random.PRNGKey(0))
     np.testing.assert_allclose(np.asarray(z), np.asarray(mean) * mode.scale, rtol=1e-5,
                                atol=1e-6)
-    config = config.copy_and_resolve_references()
-    config.first_stage.posterior = "sample"  # LDM's choice: a posterior sample, its own scale
-    sample = fs.load(config, parallel.make_mesh())
-    assert sample.scale == pytest.approx(stored["scale"])
     z_sample = sample.encode(sample.params, jnp.asarray(x), jax.random.PRNGKey(0))
     assert not np.allclose(np.asarray(z_sample) / sample.scale, np.asarray(mean), atol=1e-3)
 
