@@ -39,7 +39,7 @@ def load_source(data_config, split: str = "train", prepare: bool = True):
                 "--config.data.data_dir=DIR") from None
     if data_config.name == "tfds":
         from ldm_jax.data import tfds_source
-        return tfds_source.load(data_config, split)
+        return tfds_source.load(data_config, split, data_dir)
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
@@ -60,7 +60,8 @@ def label_sizes(data_config) -> dict:
         if not data_config.label_key:
             return {}
         from ldm_jax.data import tfds_source
-        return {"label": tfds_source.num_classes(data_config)}
+        return {"label": tfds_source.num_classes(data_config,
+                                                 default_data_dir(data_config.data_dir))}
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 

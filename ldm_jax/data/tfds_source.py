@@ -50,44 +50,42 @@ class TfdsSource:
         return out
 
 
-def _not_prepared(data) -> FileNotFoundError:
-    from ldm_jax.data.pipeline import default_data_dir
+def _not_prepared(data, data_dir: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"tfds dataset {data.tfds_name!r} is not prepared in array_record format under "
-        f"{default_data_dir(data.data_dir)!r}; run `tfds build {data.tfds_name} "
+        f"{data_dir!r}; run `tfds build {data.tfds_name} "
         "--file_format=array_record --data_dir=DIR` once and pass --config.data.data_dir=DIR")
 
 
-def load(data, split: str) -> TfdsSource:
+def load(data, split: str, data_dir: str) -> TfdsSource:
+    """`split` of data.tfds_name prepared under `data_dir`."""
     import tensorflow_datasets as tfds
 
-    from ldm_jax.data.pipeline import default_data_dir
     if not data.tfds_name:
         raise ConfigError("data.name='tfds' needs data.tfds_name (e.g. 'imagenet2012' or "
                           "'celeb_a_hq/256')")
     try:
-        source = tfds.data_source(data.tfds_name, split=split,
-                                  data_dir=default_data_dir(data.data_dir), download=False)
+        source = tfds.data_source(data.tfds_name, split=split, data_dir=data_dir,
+                                  download=False)
     except Exception:  # tfds raises several types for "not prepared" / wrong format
-        raise _not_prepared(data) from None
+        raise _not_prepared(data, data_dir) from None
     return TfdsSource(source, data.image_key, data.label_key, data.image_size)
 
 
-def num_classes(data) -> int:
+def num_classes(data, data_dir: str) -> int:
     """data.num_classes, or the class count of the dataset's `label_key` ClassLabel feature."""
     if data.num_classes:
         return int(data.num_classes)
     import tensorflow_datasets as tfds
 
-    from ldm_jax.data.pipeline import default_data_dir
     try:
-        builder = tfds.builder(data.tfds_name, data_dir=default_data_dir(data.data_dir))
+        builder = tfds.builder(data.tfds_name, data_dir=data_dir)
         feature = builder.info.features[data.label_key]
     except KeyError:
         raise ConfigError(f"the dataset {data.tfds_name!r} has no {data.label_key!r} feature "
                           "(data.label_key)") from None
     except Exception:  # noqa: BLE001 - see load()
-        raise _not_prepared(data) from None
+        raise _not_prepared(data, data_dir) from None
     n = getattr(feature, "num_classes", None)
     if not n:
         raise ConfigError(f"{data.tfds_name}'s {data.label_key!r} is not a ClassLabel; set "

@@ -6,17 +6,14 @@ Sampling (grids during training, sample.py, evaluation) goes through
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
-from ldm_jax.config_checks import ConfigError
-from ldm_jax.models.concat_inputs import LOWRES_FACTOR
 from ldm_jax.stages import first_stage as first_stage_lib
 from ldm_jax.stages import ldm_checks, ldm_text
 from ldm_jax.stages.api import StageRun
-from ldm_jax.training import ddpm_stage, ldm_step
+from ldm_jax.training import ldm_step
+from ldm_jax.training.ldm_step import build_parts, empty_tokens
 from ldm_jax.training.optimizer import make_optimizer
 
 
@@ -31,30 +28,6 @@ def validate(config) -> None:
 
 def _count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def build_parts(config, first, tok, text_encoder=None):
-    """(model, schedule) for a run whose first stage and tokenizer (and pretrained text
-    encoder, if any) are known."""
-    from ldm_jax.models.unet import check_input_size
-    size = config.data.image_size // first.factor
-    try:
-        check_input_size(size, config.model.channel_mult, ())
-    except ValueError as e:
-        raise ConfigError(f"latents of {size}x{size} (image {config.data.image_size}, first "
-                          f"stage f={first.factor}): {e}") from None
-    if config.conditioning.concat == "lowres" and first.factor % LOWRES_FACTOR:
-        raise ConfigError(f"conditioning.concat=lowres stacks the {LOWRES_FACTOR}x smaller "
-                          f"image onto the latents, which needs a first stage with f a multiple "
-                          f"of {LOWRES_FACTOR}; this one has f={first.factor}")
-    model = ldm_step.build_model(config, tok.vocab_size if tok else None, first.channels,
-                                 first.factor, text_encoder=text_encoder)
-    return model, ddpm_stage.build_schedule(config)
-
-
-def empty_tokens(tok):
-    """(ids, mask) of the empty caption: what dropped captions and unguided halves read."""
-    return ldm_text.encode_prompts(tok, [""]) if tok is not None else None
 
 
 def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:

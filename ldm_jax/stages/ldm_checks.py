@@ -16,7 +16,7 @@ def validate(config) -> None:
 
     check_data(config.data)
     check_eval_config(config, "samples")
-    d, s, c = config.diffusion, config.sampling, config.conditioning
+    d, s = config.diffusion, config.sampling
     one_of(d.schedule, schedules.BETA_KINDS, "diffusion.schedule")
     one_of(d.parameterization, objectives.PARAMETERIZATIONS, "diffusion.parameterization")
     one_of(d.loss_weighting, objectives.WEIGHTINGS, "diffusion.loss_weighting")

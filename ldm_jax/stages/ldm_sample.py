@@ -47,7 +47,7 @@ class Loaded:
 def load_workdir(workdir, config, mesh, step=None, use_ema=True) -> Loaded:
     """A trained latent-diffusion workdir: its first stage, tokenizer and params."""
     from ldm_jax import generate
-    from ldm_jax.stages.ldm import build_parts
+    from ldm_jax.training.ldm_step import build_parts
     generate.check_trained(workdir)
     record = first_stage_lib.read_record(workdir)
     if record is None:
@@ -207,7 +207,7 @@ def image_maker(config, mesh, workdir: str):
     first = first_stage_lib.load(config, mesh, record)
     tok = ldm_text.load_tokenizer(workdir) if config.conditioning.text else None
     module, _ = _pretrained_text(config, mesh)
-    from ldm_jax.stages.ldm import build_parts
+    from ldm_jax.training.ldm_step import build_parts
     model, schedule = build_parts(config, first, tok, module)
     return image_maker_for(config, mesh, model, first, schedule, tok)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -20,7 +21,7 @@ from ldm_jax.models.initializers import init_from_one_draw
 from ldm_jax.models.label_embedding import DROPPED
 from ldm_jax.models.unet import UNet
 from ldm_jax.parallel import DATA_AXIS
-from ldm_jax.training.ddpm_stage import label_sizes
+from ldm_jax.training.ddpm_stage import build_schedule, label_sizes
 from ldm_jax.training.train_state import TrainState, ema_update
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,6 +84,35 @@ def build_model(config, vocab_size: int | None, latent_channels: int, factor: in
                 use_linear_projection=m.use_linear_projection, remat=m.remat,
                 label_sizes=labels, dtype=dtype)
     return LatentModel(unet=unet, text_encoder=text, class_embedder=classes)
+
+
+def build_parts(config, first, tok, text_encoder=None):
+    """(model, schedule) for a run whose first stage and tokenizer (and pretrained text
+    encoder, if any) are known."""
+    from ldm_jax.config_checks import ConfigError
+    from ldm_jax.models.unet import check_input_size
+    size = config.data.image_size // first.factor
+    try:
+        check_input_size(size, config.model.channel_mult, ())
+    except ValueError as e:
+        raise ConfigError(f"latents of {size}x{size} (image {config.data.image_size}, first "
+                          f"stage f={first.factor}): {e}") from None
+    if config.conditioning.concat == "lowres" and first.factor % concat_inputs.LOWRES_FACTOR:
+        f4 = concat_inputs.LOWRES_FACTOR
+        raise ConfigError(f"conditioning.concat=lowres stacks the {f4}x smaller image onto "
+                          f"the latents, which needs a first stage with f a multiple of {f4}; "
+                          f"this one has f={first.factor}")
+    model = build_model(config, tok.vocab_size if tok else None, first.channels, first.factor,
+                        text_encoder=text_encoder)
+    return model, build_schedule(config)
+
+
+def empty_tokens(tok):
+    """(ids, mask) of the empty caption: what dropped captions and unguided halves read."""
+    if tok is None:
+        return None
+    ids, mask = tok.encode([""])
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
 
 def example_cond(config, model: LatentModel, latent_shape: tuple) -> dict:
