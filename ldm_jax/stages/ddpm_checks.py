@@ -91,7 +91,8 @@ def _check_attention_heads(m, image_size) -> None:
                               + (" or model.head_dim=0" if m.head_dim else ""))
 
 
-def _check_labels(config) -> None:
+def check_label_keys(config) -> tuple:
+    """model.label_keys, each a label of the dataset, none twice."""
     from ldm_jax.data import pipeline
 
     available = pipeline.label_sizes(config.data)
@@ -102,6 +103,11 @@ def _check_labels(config) -> None:
                           f"dataset; choose from {sorted(available)}")
     if len(set(keys)) != len(keys):
         raise ConfigError(f"model.label_keys {list(keys)} names a label twice")
+    return keys
+
+
+def _check_labels(config) -> None:
+    keys = check_label_keys(config)
     if not 0.0 <= config.training.label_drop_prob < 1.0:
         raise ConfigError(f"training.label_drop_prob={config.training.label_drop_prob} must be in [0, 1)")
     if config.sampling.guidance_scale != 1.0 and not keys:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ldm_jax.config_checks import ConfigError, at_least, check_data, check_training, one_of
 from ldm_jax.evaluation.eval_checks import check_eval_config
 from ldm_jax.models.concat_inputs import CONCAT_KINDS, LOWRES_FACTOR
-from ldm_jax.stages.ddpm_checks import check_diffusion, check_sampling
+from ldm_jax.stages.ddpm_checks import check_diffusion, check_label_keys, check_sampling
 
 
 def validate(config) -> None:
@@ -37,8 +37,6 @@ def validate(config) -> None:
 
 
 def _check_conditioning(config) -> None:
-    from ldm_jax.data import pipeline
-
     c = config.conditioning
     one_of(c.concat, CONCAT_KINDS, "conditioning.concat")
     if not 0.0 <= c.p_uncond < 1.0:
@@ -46,14 +44,7 @@ def _check_conditioning(config) -> None:
     if not 0.0 <= c.inpaint_full_mask_prob <= 1.0:
         raise ConfigError(f"conditioning.inpaint_full_mask_prob={c.inpaint_full_mask_prob} "
                           "must be in [0, 1]")
-    available = pipeline.label_sizes(config.data)
-    keys = tuple(config.model.label_keys)
-    unknown = [k for k in keys if k not in available]
-    if unknown:
-        raise ConfigError(f"model.label_keys {unknown} are not labels of the {config.data.name} "
-                          f"dataset; choose from {sorted(available)}")
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"model.label_keys {list(keys)} names a label twice")
+    keys = check_label_keys(config)
     if c.class_context:
         if not keys:
             raise ConfigError("conditioning.class_context needs labels: set model.label_keys")
