@@ -301,8 +301,7 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
     size = config.data.image_size
     records = None
     if (tok is not None and not prompts) or (config.model.label_keys and not classes) \
-            or (task != "generate" and not options.get("init_image")) \
-            or (task in ("inpaint", "lowres") and not options.get("init_image")):
+            or (task != "generate" and not options.get("init_image")):
         records = records_of(config, options.get("split") or "train", num)
     captions = None
     if tok is not None:
@@ -325,7 +324,7 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
         else:
             originals = np.stack([np.asarray(r["image"], np.float32) / 127.5 - 1.0
                                   for r in records])
-        if task in ("inpaint", "lowres") or task == "inpaint":
+        if task == "inpaint":
             mask = (np.repeat(read_image(options["mask"], size, "--mask", mask=True)[None], num, 0)
                     if options.get("mask") else default_mask(originals.shape))
     lines = []
