@@ -8,7 +8,7 @@ trained by the first command) and cross-attends to the caption, encoded by a sma
 transformer trained with it from a word vocabulary of the training captions. 10% of the
 captions are replaced by the empty one, so sampling can use classifier-free guidance.
 Measured on 2 cores: 4.3M-parameter U-Net + 0.4M text encoder, ~90 img/s, 1500 steps in
-~8.5 min after the first stage's ~10 min. Samples then have the caption's background in
+9 min after the first stage's ~10 min. Samples then have the caption's background in
 98-99% of cases and the right object count in about half; objects are coloured blobs at
 roughly the right size (colour right in 11-12%, shape in 5-8%, grid cell in 1-6%), about the
 same for held-out colour-shape pairs as for seen ones (200 samples, guidance 3, DPM-Solver++
