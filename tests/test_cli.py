@@ -59,6 +59,16 @@ def test_conditional_train_then_sample_from_caption(tmp_path, shapes_data_dir):
         assert [line.split(": ", 1)[1] for line in f.read().splitlines()] == expected
     r = run(["sample.py", f"--workdir={workdir}", "--caption=a huge red circle"])
     _one_line_error(r, "not a shapes caption")
+    # --class names the labels, by value name or number
+    out = str(tmp_path / "classes.png")
+    r = run(["sample.py", f"--workdir={workdir}", "--steps=2", f"--out={out}",
+             "--class=background=gray,shape_0=circle", "--class=background=3,shape_0=cross"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(str(tmp_path / "classes.txt")) as f:
+        assert f.read().splitlines() == ["1, 1: background=gray, shape_0=circle",
+                                         "1, 2: background=beige, shape_0=cross"]
+    r = run(["sample.py", f"--workdir={workdir}", "--class=circle"])
+    _one_line_error(r, "this model has 2 labels")
 
 
 def _one_line_error(r, *needles):
