@@ -57,3 +57,23 @@ def get_config():
     config.sampling.num_steps = 25
     config.sampling.guidance_scale = 1.0
     return config
+
+
+def paper_recipe(config, base_lr: float):
+    """The LDM paper's 256x256 training settings (CompVis configs): "linear" betas 0.0015 ->
+    0.0195, AdamW at base_lr times the batch of 48 (as its trainer scales it), no warm-up or
+    clipping, EMA 0.9999; DDIM sampling."""
+    config.diffusion.schedule = "scaled_linear"
+    config.diffusion.beta_start = 0.0015
+    config.diffusion.beta_end = 0.0195
+    config.optimizer.lr = base_lr * 48
+    config.optimizer.weight_decay = 0.01
+    config.optimizer.warmup_steps = 0
+    config.optimizer.grad_clip = 0.0
+    config.training.batch_size = 48
+    config.training.num_steps = 500_000
+    config.training.ema_decay = 0.9999
+    config.training.sample_every = 5000
+    config.training.num_samples = 16
+    config.sampling.sampler = "ddim"
+    return config

@@ -32,21 +32,7 @@ def get_config():
     config.model.head_dim = 32
     config.model.dropout = 0.0
 
-    config.diffusion.schedule = "scaled_linear"
-    config.diffusion.beta_start = 0.0015
-    config.diffusion.beta_end = 0.0195
-
-    config.optimizer.lr = 2e-6 * 48
-    config.optimizer.weight_decay = 0.01
-    config.optimizer.warmup_steps = 0
-    config.optimizer.grad_clip = 0.0
-    config.training.batch_size = 48
-    config.training.num_steps = 500_000
-    config.training.ema_decay = 0.9999
-    config.training.sample_every = 5000
-    config.training.num_samples = 16
-
-    config.sampling.sampler = "ddim"
+    ldm_base.paper_recipe(config, base_lr=2e-6)
     config.sampling.num_steps = 200
     config.sampling.guidance_scale = 1.0
     return config

@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from ldm_jax.config_checks import ConfigError
 
@@ -153,8 +152,3 @@ def latent_shape(config, first: FirstStage | dict, batch: int) -> tuple:
     channels = first.channels if isinstance(first, FirstStage) else first["channels"]
     s = config.data.image_size // factor
     return (batch, s, s, channels)
-
-
-def zeros_like_images(config, batch: int):
-    s = config.data.image_size
-    return jnp.zeros((batch, s, s, 3), jnp.float32)
