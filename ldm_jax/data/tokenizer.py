@@ -7,6 +7,10 @@ so the same captions give the same ids whatever order the data pipeline reads th
 Every prompt becomes `[BOS] words... [EOS]` padded with `[PAD]` (id 0) to `max_length`; a
 prompt that is too long keeps its first words and still ends in `[EOS]`. The empty prompt
 (`[BOS][EOS]` and padding) is the unconditional input of classifier-free guidance.
+
+`CaptionTokenizer` is also the interface of the pretrained CLIP tokenizer
+(`ldm_jax.data.clip_tokenizer`): `load` recognises either kind from the saved file's model
+type (WordLevel here, BPE for CLIP).
 """
 from __future__ import annotations
 
@@ -55,13 +59,26 @@ def train_word_tokenizer(captions: Iterable[str], max_length: int) -> "CaptionTo
     return CaptionTokenizer(tok)
 
 
+def _special_names(tok: Tokenizer) -> dict:
+    """The pad/unk/bos/eos token strings, read from the tokenizer itself so that a saved file
+    needs no side information: padding gives pad, the model unk, the [BOS] $A [EOS] template
+    the other two."""
+    data = json.loads(tok.to_str())
+    single = data["post_processor"]["single"]
+    return {"pad": data["padding"]["pad_token"], "unk": data["model"]["unk_token"],
+            "bos": single[0]["SpecialToken"]["id"], "eos": single[-1]["SpecialToken"]["id"]}
+
+
 class CaptionTokenizer:
     """Prompts -> fixed-length id arrays and masks. Build with `train_word_tokenizer` or `load`."""
+
+    _unit = "words"  # what truncation keeps, for the warning
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self._vocab = tokenizer.get_vocab()
         self._max_length = int(tokenizer.truncation["max_length"])
+        self._special = {k: self._vocab[t] for k, t in _special_names(tokenizer).items()}
 
     @property
     def vocab_size(self) -> int:
@@ -73,19 +90,19 @@ class CaptionTokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self._vocab[PAD]
+        return self._special["pad"]
 
     @property
     def unk_id(self) -> int:
-        return self._vocab[UNK]
+        return self._special["unk"]
 
     @property
     def bos_id(self) -> int:
-        return self._vocab[BOS]
+        return self._special["bos"]
 
     @property
     def eos_id(self) -> int:
-        return self._vocab[EOS]
+        return self._special["eos"]
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` before truncation, [BOS] and [EOS] included."""
@@ -119,11 +136,11 @@ class CaptionTokenizer:
                 if n > self._max_length:
                     warn(f"prompt {text!r} has {n} tokens, more than max_length "
                          f"{self._max_length}; it is truncated to its first "
-                         f"{self._max_length - 2} words")
+                         f"{self._max_length - 2} {self._unit}")
                 unknown = self.unknown_words(text)
                 if unknown:
-                    warn(f"prompt {text!r} has words outside the caption vocabulary, encoded as "
-                         f"{UNK}: {', '.join(unknown)}")
+                    warn(f"prompt {text!r} has words outside the vocabulary, encoded as "
+                         f"{self._tok.id_to_token(self.unk_id)}: {', '.join(unknown)}")
         if not texts:
             empty = np.zeros((0, self._max_length), np.int32)
             return empty, empty.astype(bool)
@@ -156,25 +173,35 @@ class CaptionTokenizer:
 
 
 def load(path: str) -> CaptionTokenizer:
-    """Reads a file written by `CaptionTokenizer.save`, with a one-line error if it is not one."""
+    """Reads a file written by `CaptionTokenizer.save` (word-level or CLIP), with a one-line
+    error if it is not one."""
     path = os.fspath(path)
-    fix = "delete it and let training rebuild it from the captions"
+    fix = ("delete it and let training rebuild it from the captions (a CLIP tokenizer: save it "
+           "again from the model's tokenizer/ folder)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {path} not found; train in this workdir first "
                                 "(train.py writes it) or pass the right workdir")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        json.loads(text)  # a clearer failure than the library's for truncated files
+        data = json.loads(text)  # a clearer failure than the library's for truncated files
         tok = Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 - any parse failure is the same user problem
         raise ValueError(f"tokenizer file {path} is corrupt ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from None
+    if data.get("model", {}).get("type") == "BPE":
+        from ldm_jax.data import clip_tokenizer  # it imports this module: import on demand
+        return clip_tokenizer.from_saved(tok, path)
     vocab = tok.get_vocab()
     specials_ok = all(vocab.get(t) == i for i, t in enumerate(SPECIAL_TOKENS))
     trunc, pad = tok.truncation, tok.padding
-    if (not specials_ok or trunc is None or pad is None
-            or pad.get("length") != trunc.get("max_length")):
+    try:
+        ok = (specials_ok and trunc is not None and pad is not None
+              and pad.get("length") == trunc.get("max_length")
+              and _special_names(tok) == {"pad": PAD, "unk": UNK, "bos": BOS, "eos": EOS})
+    except (KeyError, TypeError, IndexError):  # no [BOS] $A [EOS] template, or no unk
+        ok = False
+    if not ok:
         raise ValueError(f"tokenizer file {path} is not a caption tokenizer of this project "
                          f"(special tokens, padding or truncation differ); {fix}")
     return CaptionTokenizer(tok)
