@@ -159,3 +159,20 @@ def pooled(hidden, ids, eos_id: int | None = None):
     else:
         pos = jnp.argmax(ids == eos_id, axis=-1)  # first match
     return jnp.take_along_axis(hidden, pos[:, None, None], axis=1)[:, 0]
+
+
+class TextProjection(nn.Module):
+    """CLIPTextModelWithProjection's head: pooled end-token states (B, width) -> text_embeds
+    (B, features), one linear map without bias (CLIP's text side of CLIP score).
+
+    Converted CLIP checkpoints keep its params beside the encoder's, as params["text_projection"]
+    (TextTransformer ignores that entry):
+    `TextProjection(dim).apply({"params": params["text_projection"]}, pooled(hidden, ids))`.
+    """
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", lecun_normal, (x.shape[-1], self.features))
+        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
