@@ -38,6 +38,8 @@ def get_config():
         causal=False,           # LDM's jointly trained encoder sees the whole caption
         pretrained="",          # a folder with a pretrained encoder (text_encoder_io), kept
                                 # frozen; "": trained jointly from scratch
+        output="last",          # last | penultimate: which hidden states the U-Net reads
+        use_mask=True,          # False: padding tokens are attended to (Stable Diffusion)
     )
     # The LDM U-Net (SD v1's layout): attention at the levels listed in attention_levels,
     # cross-attending to the text when conditioning.text.

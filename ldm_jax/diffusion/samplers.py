@@ -113,7 +113,7 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
            eta=0.0, parameterization="eps", clip_denoised=True, clip_range=1.0,
            spacing="leading", steps_offset=0, ddpm_variance="fixed_small",
            final_alpha_cumprod=1.0, dtype=jnp.float32, use_python_loop=False,
-           init=None, strength=1.0, inpaint_mask=None):
+           init=None, strength=1.0, inpaint_mask=None, noise=None):
     """Draw samples of `shape` by running the reverse process from pure noise.
 
     model_fn(x_t, t) -> model output, with t int32 of shape (shape[0],) holding
@@ -143,6 +143,9 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
     `init`) blends `init` back in after every step. strength may be traced;
     without init it must be 1.0 (a traced one is ignored).
 
+    `noise` (of `shape`), when given, replaces the standard normal x_T drawn from init_rng:
+    unit-variance noise, before any sampler's initial scaling (diffusers' `latents` argument).
+
     Returns the final x (the x0 samples) of `shape` and `dtype`.
     """
     _check_static(sampler, parameterization, spacing, ddpm_variance)
@@ -159,7 +162,11 @@ def sample(model_fn, schedule: Schedule, rng, shape, *, sampler="ddim", num_step
     eta = jnp.asarray(eta, dtype)
     img, steps = _img2img(init, strength, inpaint_mask, shape, dtype, num_steps, T)
     init_rng, step_rng = jax.random.split(rng)
-    noise = jax.random.normal(init_rng, shape, dtype)
+    if noise is None:
+        noise = jax.random.normal(init_rng, shape, dtype)
+    elif tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, the samples {tuple(shape)}")
+    noise = jnp.asarray(noise, dtype)
     if sampler not in ("ddpm", "ddim"):
         denoise = make_denoiser(parameterization, clip_denoised, clip_range)
         common = dict(num_steps=num_steps, spacing=spacing, steps_offset=steps_offset,

@@ -24,9 +24,13 @@ TASKS = ("generate", "img2img", "inpaint")
 
 
 def make_latent_sampler(model, first, schedule, config, num: int, mesh=None,
-                        guided: bool = False, task: str = "generate"):
+                        guided: bool = False, task: str = "generate", size=None):
     """Returns jitted fn(params, frozen, rng, num_steps, eta, scale, cond, uncond,
-    images=None, strength=1.0, mask=None) -> images in [-1, 1] (num, H, W, 3).
+    images=None, strength=1.0, mask=None, noise=None) -> images in [-1, 1] (num, H, W, 3).
+
+    `size`: (H, W) of the images (default: data.image_size square), multiples of the first
+    stage's factor. `noise`: the initial latents (num, H/f, W/f, C) instead of ones drawn from
+    `rng` (unit variance, before any sampler's own scaling).
 
     `cond` / `uncond`: dicts of the conditioning inputs (labels, ids and mask, concat) for the
     `num` images; `uncond` is read only when `guided`. Tasks:
@@ -40,12 +44,12 @@ def make_latent_sampler(model, first, schedule, config, num: int, mesh=None,
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     s = config.sampling
-    size = config.data.image_size // first.factor
-    shape = (num, size, size, first.channels)
+    height, width = size or (config.data.image_size,) * 2
+    shape = (num, height // first.factor, width // first.factor, first.channels)
     spread = mesh is not None and num % mesh.devices.size == 0
 
     def run(params, frozen, rng, num_steps, eta, scale, cond, uncond, images=None,
-            strength=1.0, mask=None):
+            strength=1.0, mask=None, noise=None):
         text = model.text_encoder is not None
         ctx = model.encode_text(params, cond["ids"], cond["mask"]) if text else None
         if guided:
@@ -80,7 +84,7 @@ def make_latent_sampler(model, first, schedule, config, num: int, mesh=None,
             ddpm_variance=s.ddpm_variance,
             final_alpha_cumprod=1.0 if s.set_alpha_to_one else None,
             init=init, strength=strength if task == "img2img" else 1.0,
-            inpaint_mask=latent_mask)
+            inpaint_mask=latent_mask, noise=noise)
         out = jnp.clip(first.decode(frozen, latents), -1.0, 1.0)
         if task == "inpaint":
             out = mask * out + (1.0 - mask) * images
@@ -93,10 +97,11 @@ def make_latent_sampler(model, first, schedule, config, num: int, mesh=None,
 
 def sample_latent_images(fn, params, frozen, seed: int, num_steps: int, eta: float,
                          scale: float, cond: dict, uncond: dict | None = None, images=None,
-                         strength: float = 1.0, mask=None):
+                         strength: float = 1.0, mask=None, noise=None):
     """Call a `make_latent_sampler` program with host values converted to traced arrays."""
     as_arrays = lambda d: jax.tree_util.tree_map(jnp.asarray, d or {})
     return fn(params, frozen, jax.random.PRNGKey(seed), jnp.int32(num_steps), jnp.float32(eta),
               jnp.float32(scale), as_arrays(cond), as_arrays(uncond),
               None if images is None else jnp.asarray(images, jnp.float32),
-              jnp.float32(strength), None if mask is None else jnp.asarray(mask, jnp.float32))
+              jnp.float32(strength), None if mask is None else jnp.asarray(mask, jnp.float32),
+              None if noise is None else jnp.asarray(noise, jnp.float32))

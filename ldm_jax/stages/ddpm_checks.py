@@ -95,8 +95,10 @@ def check_label_keys(config) -> tuple:
     """model.label_keys, each a label of the dataset, none twice."""
     from ldm_jax.data import pipeline
 
-    available = pipeline.label_sizes(config.data)
     keys = tuple(config.model.label_keys)
+    if not keys:  # nothing to look up: an unprepared dataset is reported where it is read
+        return keys
+    available = pipeline.label_sizes(config.data)
     unknown = [k for k in keys if k not in available]
     if unknown:
         raise ConfigError(f"model.label_keys {unknown} are not labels of the {config.data.name} "

@@ -36,6 +36,13 @@ def validate(config) -> None:
     check_training(config)
 
 
+def check_training_data(config) -> None:
+    """What training reads beyond the config itself (sampling a trained model needs no data)."""
+    if config.conditioning.text and config.data.name != "shapes":
+        raise ConfigError(f"conditioning.text needs captions; the {config.data.name} dataset "
+                          "has none (the shapes dataset has)")
+
+
 def _check_conditioning(config) -> None:
     c = config.conditioning
     one_of(c.concat, CONCAT_KINDS, "conditioning.concat")
@@ -52,9 +59,6 @@ def _check_conditioning(config) -> None:
             raise ConfigError("conditioning.class_context and conditioning.text both fill the "
                               "cross-attention context; choose one")
         at_least(c.class_embed_dim, 1, "conditioning.class_embed_dim", "token width")
-    if c.text and config.data.name != "shapes":
-        raise ConfigError(f"conditioning.text needs captions; the {config.data.name} dataset "
-                          "has none (the shapes dataset has)")
     conditional = c.text or bool(keys)
     if config.sampling.guidance_scale != 1.0:
         if not conditional:
@@ -74,6 +78,8 @@ def _check_conditioning(config) -> None:
         if te.width % te.heads:
             raise ConfigError(f"text_encoder.width={te.width} is not divisible by "
                               f"text_encoder.heads={te.heads}")
+        if te.output not in ("last", "penultimate"):
+            raise ConfigError(f"text_encoder.output={te.output!r}; use 'last' or 'penultimate'")
 
 
 def _check_model(m) -> None:
@@ -82,13 +88,20 @@ def _check_model(m) -> None:
     if bad:
         raise ConfigError(f"model.attention_levels {list(m.attention_levels)}: {bad} are not "
                           f"level indices below {levels} (the length of model.channel_mult)")
-    for mult in m.channel_mult:
+    for name in ("num_heads", "head_dim", "transformer_depth"):
+        value = m[name]
+        if isinstance(value, (list, tuple)) and len(value) != levels:
+            raise ConfigError(f"model.{name}={list(value)} needs one value per level ({levels}, "
+                              "the length of model.channel_mult) or a single int")
+    per_level = lambda v, i: v[i] if isinstance(v, (list, tuple)) else v
+    for i, mult in enumerate(m.channel_mult):
         ch = m.base_channels * mult
         if ch % m.norm_groups:
             raise ConfigError(f"model.base_channels * {mult} = {ch} is not divisible by "
                               f"model.norm_groups={m.norm_groups}")
-        heads = ch // m.head_dim if m.head_dim else m.num_heads
+        head_dim, num_heads = per_level(m.head_dim, i), per_level(m.num_heads, i)
+        heads = ch // head_dim if head_dim else num_heads
         if heads < 1 or ch % heads:
-            field = "model.head_dim" if m.head_dim else "model.num_heads"
-            raise ConfigError(f"{field}={m.head_dim or m.num_heads} does not split the {ch} "
-                              "channels of a level into whole heads")
+            field = "model.head_dim" if head_dim else "model.num_heads"
+            raise ConfigError(f"{field}={head_dim or num_heads} does not split the {ch} "
+                              f"channels of level {i} into whole heads")

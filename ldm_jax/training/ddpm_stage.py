@@ -29,6 +29,8 @@ def build_model(config, compute_dtype: str | None = None) -> UNet:
 
 def label_sizes(config) -> tuple:
     """Values per conditioning label (config.model.label_keys, in order); () if unconditional."""
+    if not config.model.label_keys:  # no dataset to look at (sampling a converted model)
+        return ()
     from ldm_jax.data import pipeline  # building a model needs no input pipeline otherwise
     sizes = pipeline.label_sizes(config.data)
     return tuple(sizes[k] for k in config.model.label_keys)

@@ -34,15 +34,21 @@ class LatentModel:
     unet: UNet
     text_encoder: Any = None
     class_embedder: Any = None  # labels as cross-attention tokens (LDM's ClassEmbedder)
+    text_output: str = "last"   # last | penultimate hidden states (SD v2's, or clip_skip)
+    # False: padding is attended to, by the text encoder and by cross-attention, as Stable
+    # Diffusion's CLIP conditioning is (its U-Net learned to read the padded positions too).
+    text_mask: bool = True
 
     def encode_text(self, params, ids, mask):
-        return self.text_encoder.apply({"params": params["text_encoder"]}, ids, mask)
+        return self.text_encoder.apply({"params": params["text_encoder"]}, ids,
+                                       mask if self.text_mask else None,
+                                       output=self.text_output)
 
     def apply(self, params, x_t, t, cond, train=False, rngs=None, context=None):
         """The U-Net's output; `context` (already encoded text) skips encoding cond's ids."""
         if self.text_encoder is not None and context is None:
             context = self.encode_text(params, cond["ids"], cond["mask"])
-        labels, mask = cond.get("labels"), cond.get("mask")
+        labels, mask = cond.get("labels"), cond.get("mask") if self.text_mask else None
         if self.class_embedder is not None:
             context = self.class_embedder.apply({"params": params["class_embedder"]}, labels)
             labels = mask = None  # every label token is attended to
@@ -83,7 +89,9 @@ def build_model(config, vocab_size: int | None, latent_channels: int, factor: in
                 context_dim=context_dim, transformer_depth=m.transformer_depth,
                 use_linear_projection=m.use_linear_projection, remat=m.remat,
                 label_sizes=labels, dtype=dtype)
-    return LatentModel(unet=unet, text_encoder=text, class_embedder=classes)
+    te = config.text_encoder
+    return LatentModel(unet=unet, text_encoder=text, class_embedder=classes,
+                       text_output=te.output, text_mask=te.use_mask)
 
 
 def build_parts(config, first, tok, text_encoder=None):
