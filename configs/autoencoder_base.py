@@ -83,6 +83,8 @@ def get_config():
         log_every=100,
         checkpoint_every=5000,
         keep_checkpoints=3,
+        init_from="",           # a workdir whose weights (EMA when it samples with them) start
+                                # this run; its optimiser state and step are not taken
         async_checkpointing=True,
         sample_every=5000,      # evaluation: PSNR/SSIM and an input|reconstruction PNG
         num_samples=16,         # held-out images per evaluation

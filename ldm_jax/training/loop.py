@@ -5,7 +5,6 @@ Every process runs this same code; each feeds only its own rows of the global ba
 """
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -92,6 +91,9 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     if latest is None:
         state = jax.jit(run.init, out_shardings=state_sharding)(rng)
         origin = "initialised"
+        if t.init_from:
+            from ldm_jax.training.init_from import start_from
+            state, origin = start_from(state, t.init_from, state_sharding)
     else:
         state, data_state = _restore(ckpt, abstract, state_sharding, latest,
                                      changed=bool(resume_notes))
