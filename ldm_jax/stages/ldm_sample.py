@@ -44,16 +44,39 @@ class Loaded:
     step: int
 
 
+def inside(workdir: str, path: str) -> str:
+    """`path` as a workdir names its parts: relative paths that exist inside the workdir
+    (converted models keep their VAE and text encoder there) are read from there."""
+    if path and not os.path.isabs(path) and os.path.exists(os.path.join(workdir, path)):
+        return os.path.join(workdir, path)
+    return path
+
+
+def workdir_record(workdir: str) -> dict:
+    """The first_stage.json of a trained latent-diffusion workdir."""
+    record = first_stage_lib.read_record(workdir)
+    if record is None:
+        raise FileNotFoundError(f"{os.path.join(workdir, first_stage_lib.RECORD_FILE)} is "
+                                "missing: it names the first stage this model was trained on")
+    return dict(record, workdir=inside(workdir, record["workdir"]))
+
+
+def with_workdir_paths(config, workdir: str):
+    """The config with a pretrained text encoder inside the workdir found there."""
+    pretrained = config.text_encoder.pretrained
+    if pretrained and inside(workdir, pretrained) != pretrained:
+        config = config.copy_and_resolve_references()
+        config.text_encoder.pretrained = inside(workdir, pretrained)
+    return config
+
+
 def load_workdir(workdir, config, mesh, step=None, use_ema=True) -> Loaded:
     """A trained latent-diffusion workdir: its first stage, tokenizer and params."""
     from ldm_jax import generate
     from ldm_jax.training.ldm_step import build_parts
     generate.check_trained(workdir)
-    record = first_stage_lib.read_record(workdir)
-    if record is None:
-        raise FileNotFoundError(f"{os.path.join(workdir, first_stage_lib.RECORD_FILE)} is "
-                                "missing: it names the first stage this model was trained on")
-    first = first_stage_lib.load(config, mesh, record)
+    config = with_workdir_paths(config, workdir)
+    first = first_stage_lib.load(config, mesh, workdir_record(workdir))
     tok = ldm_text.load_tokenizer(workdir) if config.conditioning.text else None
     module, fixed = _pretrained_text(config, mesh)
     model, schedule = build_parts(config, first, tok, module)
@@ -201,10 +224,8 @@ def image_maker_for(config, mesh, model, first, schedule, tok):
 
 
 def image_maker(config, mesh, workdir: str):
-    record = first_stage_lib.read_record(workdir)
-    if record is None:
-        raise FileNotFoundError(f"{workdir} has no {first_stage_lib.RECORD_FILE}; train first")
-    first = first_stage_lib.load(config, mesh, record)
+    config = with_workdir_paths(config, workdir)
+    first = first_stage_lib.load(config, mesh, workdir_record(workdir))
     tok = ldm_text.load_tokenizer(workdir) if config.conditioning.text else None
     module, _ = _pretrained_text(config, mesh)
     from ldm_jax.training.ldm_step import build_parts
@@ -212,16 +233,17 @@ def image_maker(config, mesh, workdir: str):
     return image_maker_for(config, mesh, model, first, schedule, tok)
 
 
-def read_image(path: str, size: int, flag: str, mask: bool = False) -> np.ndarray:
-    """A picture file -> float (size, size, 3) in [-1, 1], or a (size, size, 1) 0/1 mask
-    (white = repaint)."""
+def read_image(path: str, size, flag: str, mask: bool = False) -> np.ndarray:
+    """A picture file -> float (H, W, 3) in [-1, 1], or an (H, W, 1) 0/1 mask (white =
+    repaint); `size` is H = W or (H, W)."""
     from PIL import Image, UnidentifiedImageError
+    h, w = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(path) as image:
             if mask:
-                image = image.convert("L").resize((size, size), Image.NEAREST)
+                image = image.convert("L").resize((w, h), Image.NEAREST)
                 return (np.asarray(image, np.float32)[..., None] > 127).astype(np.float32)
-            image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+            image = image.convert("RGB").resize((w, h), Image.BICUBIC)
             return np.asarray(image, np.float32) / 127.5 - 1.0
     except FileNotFoundError:
         raise FileNotFoundError(f"{flag}={path}: no such file") from None
@@ -280,24 +302,77 @@ def _check_options(config, options, tok):
     validate(config)
 
 
-def sample_workdir(workdir: str, config, options: dict) -> str:
-    """sample.py for a latent-diffusion workdir; returns the line it prints."""
-    from ldm_jax.data.conditioning import class_labels
-    if options.get("out") is not None:
-        image_grid.check_output_path(options["out"])
-    tok_needed = config.conditioning.text
-    _check_options(config, options, object() if tok_needed else None)
-    task = _task(config, options)
+def _image_count(options) -> int:
     prompts, classes = options.get("prompts") or [], options.get("classes") or []
     num = options.get("num")
     if num is None:
         num = max(len(prompts), len(classes)) if (prompts or classes) else 16
     if num < 1:
         raise ConfigError(f"--num={num}: ask for at least one image")
+    return num
+
+
+def sample_workdir(workdir: str, config, options: dict) -> str:
+    """sample.py for a latent-diffusion workdir; returns the line it prints."""
+    if options.get("out") is not None:
+        image_grid.check_output_path(options["out"])
+    tok_needed = config.conditioning.text
+    _check_options(config, options, object() if tok_needed else None)
+    _image_count(options)
     mesh = parallel.make_mesh()
     use_ema = config.sampling.use_ema if not options.get("raw_params") else False
     loaded = load_workdir(workdir, config, mesh, options.get("step"), use_ema)
+    out = options.get("out") or os.path.join(
+        workdir, "samples", f"sample_step{loaded.step}_seed{options['seed']}.png")
+    return sample_loaded(config, loaded, mesh, options, out, os.path.abspath(workdir))
+
+
+def sample_pretrained(path: str, options: dict) -> str:
+    """sample.py --pretrained: a diffusers folder, CompVis file or workdir, sampled without
+    writing a workdir; images go to --out (default samples/NAME_seedS.png)."""
+    from ldm_jax.stages import ldm_pretrained
+    if options.get("out") is not None:
+        image_grid.check_output_path(options["out"])
+    _image_count(options)
+    mesh = parallel.make_mesh()
+    config, loaded = ldm_pretrained.load(
+        path, mesh, tokenizer=options.get("tokenizer"),
+        parameterization=options.get("parameterization"), step=options.get("step"),
+        use_ema=False if options.get("raw_params") else None)
+    _check_options(config, options, loaded.tok)
+    name = os.path.basename(os.path.normpath(path)).split(".")[0] or "pretrained"
+    out = options.get("out") or os.path.join("samples", f"{name}_seed{options['seed']}.png")
+    return sample_loaded(config, loaded, mesh, options, out, os.path.abspath(path))
+
+
+def _sizes(config, options, task) -> tuple:
+    """(height, width) of the samples: --height/--width, default data.image_size."""
+    h = options.get("height") or config.data.image_size
+    w = options.get("width") or config.data.image_size
+    if (h, w) != (config.data.image_size,) * 2 and task == "lowres":
+        raise ConfigError("--height/--width: super-resolution models sample at their "
+                          "training size; drop the flags")
+    return h, w
+
+
+def _check_sizes(config, first, h: int, w: int) -> None:
+    step = first.factor * 2 ** (len(config.model.channel_mult) - 1)
+    for name, value in (("--height", h), ("--width", w)):
+        if value < step or value % step:
+            raise ConfigError(f"{name}={value}: this model takes multiples of {step} (the first "
+                              f"stage divides by {first.factor}, the U-Net by "
+                              f"{step // first.factor}); try {max(step, value // step * step)}")
+
+
+def sample_loaded(config, loaded, mesh, options: dict, out: str, source: str) -> str:
+    """Sample a loaded latent-diffusion model as the options ask; returns the printed line."""
+    from ldm_jax.data.conditioning import class_labels
+    task = _task(config, options)
+    prompts, classes = options.get("prompts") or [], options.get("classes") or []
+    num = _image_count(options)
     first, tok, s = loaded.first, loaded.tok, config.sampling
+    height, width = _sizes(config, options, task)
+    _check_sizes(config, first, height, width)
     size = config.data.image_size
     records = None
     if (tok is not None and not prompts) or (config.model.label_keys and not classes) \
@@ -318,14 +393,19 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
     originals = mask = concat = shown = None
     if task != "generate":
         if options.get("init_image"):
-            in_size = size // concat_inputs.LOWRES_FACTOR if task == "lowres" else size
+            low = size // concat_inputs.LOWRES_FACTOR
+            in_size = (low, low) if task == "lowres" else (height, width)
             picture = read_image(options["init_image"], in_size, "--init_image")
             originals = np.repeat(picture[None], num, 0)
         else:
+            if (height, width) != (size, size):
+                raise ConfigError("--height/--width need --init_image for this task (the "
+                                  f"dataset's images are {size}x{size})")
             originals = np.stack([np.asarray(r["image"], np.float32) / 127.5 - 1.0
                                   for r in records])
         if task == "inpaint":
-            mask = (np.repeat(read_image(options["mask"], size, "--mask", mask=True)[None], num, 0)
+            mask = (np.repeat(read_image(options["mask"], (height, width), "--mask",
+                                         mask=True)[None], num, 0)
                     if options.get("mask") else default_mask(originals.shape))
     lines = []
     if task == "lowres":
@@ -343,7 +423,7 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
     run_task = {"lowres": "generate", "inpaint": ("generate" if concat is not None
                                                   else "inpaint")}.get(task, task)
     fn = make_latent_sampler(loaded.model, first, loaded.schedule, config, num, mesh, guided,
-                             run_task)
+                             run_task, size=(height, width))
     steps = options.get("steps") or s.num_steps
     eta = s.eta if options.get("eta") is None else options["eta"]
     strength = 0.8 if options.get("strength") is None else options["strength"]
@@ -358,7 +438,7 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
               "guidance": s.guidance_scale, "checkpoint_step": loaded.step,
               "task": {"generate": "txt2img" if tok is not None else "generate",
                        "lowres": "super_resolution"}.get(task, task),
-              "workdir": os.path.abspath(workdir)}
+              "model": source}
     if task == "img2img":
         common["strength"] = strength
     if tok is not None:
@@ -374,9 +454,7 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
     texts = [" | ".join(str(m[k]) for k in ("prompt", "class") if k in m) or f"seed {m['seed']}"
              for m in per_image]
     if shown is not None:  # the input beside each result
-        images = np.concatenate([_as_size(shown, size), images], axis=2)
-    out = options.get("out") or os.path.join(
-        workdir, "samples", f"sample_step{loaded.step}_seed{options['seed']}.png")
+        images = np.concatenate([_as_size(shown, height), images], axis=2)
     if image_grid.is_folder_path(out):
         path = image_grid.save_images(images, out, captions=texts, metadata=per_image)
     else:
