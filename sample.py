@@ -101,7 +101,7 @@ def main(argv):
                "tokenizer": _TOKENIZER.value, "parameterization": _PARAMETERIZATION.value}
     with cli.readable_errors():
         if _PRETRAINED.value:
-            from ldm_jax.stages.ldm_sample import sample_pretrained
+            from ldm_jax.txt2img import sample_pretrained
             print(sample_pretrained(_PRETRAINED.value, options))
             return
         config = config_utils.load_config(_WORKDIR.value)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ldm_jax.data import tokenizer as tokenizer_lib
+from ldm_jax.data import tokenizer_file
 from ldm_jax.data.clip_tokenizer import (ClipTokenizer, build_clip_tokenizer, is_clip,
                                          load_clip_tokenizer, write_vocab_files)
 
@@ -258,7 +259,7 @@ def test_save_load_round_trip(folders, layout, tmp_path):
     path = tmp_path / "workdir" / "tokenizer.json"
     tok.save(str(path))
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]
-    loaded = tokenizer_lib.load(str(path))
+    loaded = tokenizer_file.load(str(path))
     assert isinstance(loaded, ClipTokenizer)
     assert (loaded.max_length, loaded.vocab_size, loaded.pad_id, loaded.eos_id) == (
         tok.max_length, tok.vocab_size, tok.pad_id, tok.eos_id)
@@ -285,7 +286,7 @@ def test_saved_file_that_is_not_a_clip_tokenizer_is_rejected(folders, tmp_path):
     data["model"]["end_of_word_suffix"] = None
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="not a CLIP tokenizer") as err:
-        tokenizer_lib.load(str(path))
+        tokenizer_file.load(str(path))
     assert "\n" not in str(err.value)
 
 

@@ -20,8 +20,9 @@ import sd_fixtures  # noqa: E402
 
 from ldm_jax import load_pipeline  # noqa: E402
 from ldm_jax.config_checks import ConfigError  # noqa: E402
-from ldm_jax.convert import compvis_keys, stable_diffusion  # noqa: E402
-from ldm_jax.convert.__main__ import main as convert_main  # noqa: E402
+from ldm_jax.convert import compvis_keys
+from ldm_jax.stable_diffusion import read as stable_diffusion  # noqa: E402
+from ldm_jax.stable_diffusion.convert_cli import main as convert_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -202,7 +203,7 @@ def test_finetune_starts_from_the_converted_weights(converted, shapes_data_dir, 
     from conftest import set_fields
 
     from configs import sd_v1_finetune
-    from ldm_jax.stages import ldm_pretrained
+    from ldm_jax.stable_diffusion import load as latent_model
     from ldm_jax.training.loop import train
 
     def run(workdir, **fields):
@@ -212,9 +213,9 @@ def test_finetune_starts_from_the_converted_weights(converted, shapes_data_dir, 
             "training.checkpoint_every": 2, "training.sample_every": 0,
             "training.progress_bar": False, "optimizer.warmup_steps": 0, **fields})
         history = train(config, workdir)
-        return ldm_pretrained.load(workdir, use_ema=False)[1].params, history
+        return latent_model.load(workdir, use_ema=False)[1].params, history
 
-    start = ldm_pretrained.load(converted)[1].params
+    start = latent_model.load(converted)[1].params
     # AdamW moves each weight by about lr per step: at 1e-12 the start shows through.
     same, _ = run(str(tmp_path / "lr0"), **{"optimizer.lr": 1e-12,
                                              "training.compute_dtype": "float32"})

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from ldm_jax.data import tokenizer as tokenizer_lib
-from ldm_jax.data.tokenizer import CaptionTokenizer, train_word_tokenizer
+from ldm_jax.data import tokenizer_file
+from ldm_jax.data.tokenizer import train_word_tokenizer
 
 CAPTIONS = [
     "a large red circle in the center on a gray background",
@@ -80,7 +80,7 @@ def test_save_load_round_trip(tok, tmp_path):
     path = tmp_path / "workdir" / "tokenizer.json"
     tok.save(str(path))
     assert [p.name for p in path.parent.iterdir()] == ["tokenizer.json"]  # no tmp file left
-    loaded = CaptionTokenizer.load(str(path))
+    loaded = tokenizer_file.load(str(path))
     assert (loaded.vocab_size, loaded.max_length) == (tok.vocab_size, 16)
     probe = CAPTIONS + ["", "a zebra"]
     for a, b in zip(loaded.encode(probe), tok.encode(probe)):
@@ -90,20 +90,20 @@ def test_save_load_round_trip(tok, tmp_path):
 def test_load_errors_name_file_and_fix(tok, tmp_path):
     missing = tmp_path / "nope.json"
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        tokenizer_lib.load(str(missing))
+        tokenizer_file.load(str(missing))
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     text = path.read_text()
     path.write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match=r"tokenizer.json is corrupt.*delete it") as err:
-        tokenizer_lib.load(str(path))
+        tokenizer_file.load(str(path))
     assert "\n" not in str(err.value)
     # Valid JSON for `tokenizers`, but without our padding/truncation: rejected too.
     data = json.loads(text)
     data["padding"] = None
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="not a caption tokenizer"):
-        tokenizer_lib.load(str(path))
+        tokenizer_file.load(str(path))
 
 
 def test_bad_arguments():

@@ -191,7 +191,7 @@ def _write_weights(path: str, sd: dict) -> None:
 
 def write_diffusers(config, loaded, dst: str) -> str:
     """A diffusers folder at `dst` (which must not exist or be empty) from a loaded model
-    (stages.ldm_pretrained.load)."""
+    (stable_diffusion.load.load)."""
     from ldm_jax.data import clip_tokenizer
     if os.path.exists(dst) and os.listdir(dst):
         raise ConfigError(f"{dst} exists and is not empty; choose a new folder")

@@ -108,7 +108,7 @@ def load_clip_tokenizer(folder: str, max_length: int | None = None) -> "ClipToke
 
 class ClipTokenizer(CaptionTokenizer):
     """CLIP BPE prompts -> fixed-length id arrays and masks, with the `CaptionTokenizer`
-    interface. Build with `load_clip_tokenizer` or `ldm_jax.data.tokenizer.load`."""
+    interface. Build with `load_clip_tokenizer` or `ldm_jax.data.tokenizer_file.load`."""
 
     _unit = "tokens"
 
@@ -149,7 +149,7 @@ class ClipTokenizer(CaptionTokenizer):
 
 
 def is_clip(tok) -> bool:
-    """Whether `tok` (from `ldm_jax.data.tokenizer.load` or this module) is a CLIP tokenizer."""
+    """Whether `tok` (from `ldm_jax.data.tokenizer_file.load` or this module) is a CLIP tokenizer."""
     return isinstance(tok, ClipTokenizer)
 
 
@@ -177,7 +177,7 @@ def write_vocab_files(tok: ClipTokenizer, folder: str) -> None:
 
 
 def from_saved(tok: Tokenizer, path: str) -> ClipTokenizer:
-    """Checks a BPE tokenizer read by `ldm_jax.data.tokenizer.load` from `path`."""
+    """Checks a BPE tokenizer read by `ldm_jax.data.tokenizer_file.load` from `path`."""
     trunc, pad = tok.truncation, tok.padding
     try:
         names = _special_names(tok)

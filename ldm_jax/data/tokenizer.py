@@ -9,8 +9,8 @@ prompt that is too long keeps its first words and still ends in `[EOS]`. The emp
 (`[BOS][EOS]` and padding) is the unconditional input of classifier-free guidance.
 
 `CaptionTokenizer` is also the interface of the pretrained CLIP tokenizer
-(`ldm_jax.data.clip_tokenizer`): `load` recognises either kind from the saved file's model
-type (WordLevel here, BPE for CLIP).
+(`ldm_jax.data.clip_tokenizer`); `ldm_jax.data.tokenizer_file.load` reads a saved file of
+either kind.
 """
 from __future__ import annotations
 
@@ -167,17 +167,15 @@ class CaptionTokenizer:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
-    @classmethod
-    def load(cls, path: str) -> "CaptionTokenizer":
-        return load(path)
+
+FIX = ("delete it and let training rebuild it from the captions (a CLIP tokenizer: save it "
+       "again from the model's tokenizer/ folder)")
 
 
-def load(path: str) -> CaptionTokenizer:
-    """Reads a file written by `CaptionTokenizer.save` (word-level or CLIP), with a one-line
-    error if it is not one."""
+def read_file(path: str) -> tuple:
+    """(Tokenizer, its JSON as a dict) of a file written by `CaptionTokenizer.save`, with a
+    one-line error for a missing or unparsable one."""
     path = os.fspath(path)
-    fix = ("delete it and let training rebuild it from the captions (a CLIP tokenizer: save it "
-           "again from the model's tokenizer/ folder)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {path} not found; train in this workdir first "
                                 "(train.py writes it) or pass the right workdir")
@@ -185,13 +183,14 @@ def load(path: str) -> CaptionTokenizer:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         data = json.loads(text)  # a clearer failure than the library's for truncated files
-        tok = Tokenizer.from_str(text)
+        return Tokenizer.from_str(text), data
     except Exception as e:  # noqa: BLE001 - any parse failure is the same user problem
         raise ValueError(f"tokenizer file {path} is corrupt ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); {fix}") from None
-    if data.get("model", {}).get("type") == "BPE":
-        from ldm_jax.data import clip_tokenizer  # it imports this module: import on demand
-        return clip_tokenizer.from_saved(tok, path)
+                         f"{str(e).splitlines()[0] if str(e) else ''}); {FIX}") from None
+
+
+def from_saved(tok: Tokenizer, path: str) -> CaptionTokenizer:
+    """The word-level tokenizer read from `path`, checked to be one of this project's."""
     vocab = tok.get_vocab()
     specials_ok = all(vocab.get(t) == i for i, t in enumerate(SPECIAL_TOKENS))
     trunc, pad = tok.truncation, tok.padding
@@ -203,5 +202,5 @@ def load(path: str) -> CaptionTokenizer:
         ok = False
     if not ok:
         raise ValueError(f"tokenizer file {path} is not a caption tokenizer of this project "
-                         f"(special tokens, padding or truncation differ); {fix}")
+                         f"(special tokens, padding or truncation differ); {FIX}")
     return CaptionTokenizer(tok)

@@ -38,7 +38,7 @@ def _map(fn, tree):
 def load_pretrained(folder: str, dtype=None):
     """(TextTransformer, params, tokenizer) from `folder`; ConfigError naming a missing or
     damaged part."""
-    from ldm_jax.data import tokenizer as tokenizer_lib
+    from ldm_jax.data import tokenizer_file
     folder = os.path.expanduser(folder)
     for name in (ARCH_FILE, PARAMS_FILE, TOKENIZER_FILE):
         if not os.path.isfile(os.path.join(folder, name)):
@@ -57,7 +57,8 @@ def load_pretrained(folder: str, dtype=None):
     kwargs = {k: arch[k] for k in _FIELDS}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return TextTransformer(**kwargs), params, tokenizer_lib.load(os.path.join(folder, TOKENIZER_FILE))
+    tok = tokenizer_file.load(os.path.join(folder, TOKENIZER_FILE))
+    return TextTransformer(**kwargs), params, tok
 
 
 def check_matches_config(module: TextTransformer, config, folder: str) -> None:

@@ -272,7 +272,7 @@ def _task(config, options) -> str:
     return "generate"
 
 
-def _check_options(config, options, tok):
+def check_options(config, options, tok):
     if options.get("reconstruct") or options.get("latent_scale"):
         raise ConfigError("--reconstruct and --latent_scale are for autoencoder workdirs; this "
                           "one is a latent-diffusion model: drop the flag")
@@ -302,7 +302,7 @@ def _check_options(config, options, tok):
     validate(config)
 
 
-def _image_count(options) -> int:
+def image_count(options) -> int:
     prompts, classes = options.get("prompts") or [], options.get("classes") or []
     num = options.get("num")
     if num is None:
@@ -317,32 +317,14 @@ def sample_workdir(workdir: str, config, options: dict) -> str:
     if options.get("out") is not None:
         image_grid.check_output_path(options["out"])
     tok_needed = config.conditioning.text
-    _check_options(config, options, object() if tok_needed else None)
-    _image_count(options)
+    check_options(config, options, object() if tok_needed else None)
+    image_count(options)
     mesh = parallel.make_mesh()
     use_ema = config.sampling.use_ema if not options.get("raw_params") else False
     loaded = load_workdir(workdir, config, mesh, options.get("step"), use_ema)
     out = options.get("out") or os.path.join(
         workdir, "samples", f"sample_step{loaded.step}_seed{options['seed']}.png")
     return sample_loaded(config, loaded, mesh, options, out, os.path.abspath(workdir))
-
-
-def sample_pretrained(path: str, options: dict) -> str:
-    """sample.py --pretrained: a diffusers folder, CompVis file or workdir, sampled without
-    writing a workdir; images go to --out (default samples/NAME_seedS.png)."""
-    from ldm_jax.stages import ldm_pretrained
-    if options.get("out") is not None:
-        image_grid.check_output_path(options["out"])
-    _image_count(options)
-    mesh = parallel.make_mesh()
-    config, loaded = ldm_pretrained.load(
-        path, mesh, tokenizer=options.get("tokenizer"),
-        parameterization=options.get("parameterization"), step=options.get("step"),
-        use_ema=False if options.get("raw_params") else None)
-    _check_options(config, options, loaded.tok)
-    name = os.path.basename(os.path.normpath(path)).split(".")[0] or "pretrained"
-    out = options.get("out") or os.path.join("samples", f"{name}_seed{options['seed']}.png")
-    return sample_loaded(config, loaded, mesh, options, out, os.path.abspath(path))
 
 
 def _sizes(config, options, task) -> tuple:
@@ -369,7 +351,7 @@ def sample_loaded(config, loaded, mesh, options: dict, out: str, source: str) ->
     from ldm_jax.data.conditioning import class_labels
     task = _task(config, options)
     prompts, classes = options.get("prompts") or [], options.get("classes") or []
-    num = _image_count(options)
+    num = image_count(options)
     first, tok, s = loaded.first, loaded.tok, config.sampling
     height, width = _sizes(config, options, task)
     _check_sizes(config, first, height, width)

@@ -27,7 +27,7 @@ def workdir_tokenizer(config, workdir: str, source, is_main: bool):
     """The workdir's tokenizer; process 0 trains and writes it on the first run, the other
     processes wait for it."""
     from ldm_jax import parallel
-    from ldm_jax.data import tokenizer
+    from ldm_jax.data import tokenizer, tokenizer_file
 
     path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(path) and is_main:
@@ -35,7 +35,7 @@ def workdir_tokenizer(config, workdir: str, source, is_main: bool):
                                              config.text_encoder.max_length)
         tok.save(path)
     parallel.wait_for_all_processes("tokenizer_written")
-    tok = tokenizer.load(path)
+    tok = tokenizer_file.load(path)
     if tok.max_length != config.text_encoder.max_length:
         raise ConfigError(f"{path} pads to {tok.max_length} tokens but text_encoder.max_length="
                           f"{config.text_encoder.max_length}; keep the length of this run")
@@ -67,12 +67,12 @@ def pretrained_encoder(config):
 
 
 def load_tokenizer(workdir: str):
-    from ldm_jax.data import tokenizer
+    from ldm_jax.data import tokenizer_file
     path = os.path.join(workdir, TOKENIZER_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: a text-conditioned workdir keeps its "
                                 "tokenizer there; was it copied without it?")
-    return tokenizer.load(path)
+    return tokenizer_file.load(path)
 
 
 def record_fields(tok):

@@ -1,4 +1,6 @@
-"""The Python API for text-to-image sampling, for notebooks and tests:
+"""Text-to-image models from anywhere (a workdir, a diffusers folder, a CompVis file): the
+Python API, for notebooks and tests, and sample.py --pretrained.
+
 
     from ldm_jax import load_pipeline
     pipe = load_pipeline("path/to/stable-diffusion")  # diffusers folder, CompVis file, workdir
@@ -24,9 +26,9 @@ def load_pipeline(path: str, *, tokenizer: str | None = None, use_ema: bool | No
     holding vocab.json and merges.txt, and for SD 2 `parameterization`) or an ldm-jax
     latent-diffusion workdir (checkpoint `step`, default the latest)."""
     from ldm_jax import parallel
-    from ldm_jax.stages import ldm_pretrained
+    from ldm_jax.stable_diffusion import load as latent_model
     mesh = parallel.make_mesh()
-    config, loaded = ldm_pretrained.load(path, mesh, tokenizer=tokenizer, use_ema=use_ema,
+    config, loaded = latent_model.load(path, mesh, tokenizer=tokenizer, use_ema=use_ema,
                                          parameterization=parameterization, step=step)
     return Pipeline(config, loaded, mesh)
 
@@ -154,3 +156,26 @@ class Pipeline:
                                       num_steps, eta, guidance_scale, cond, uncond,
                                       noise=latents)
         return to_uint8(jax.device_get(images))
+
+
+def sample_pretrained(path: str, options: dict) -> str:
+    """sample.py --pretrained: a diffusers folder, CompVis file or workdir, sampled without
+    writing a workdir; images go to --out (default samples/NAME_seedS.png)."""
+    import os
+
+    from ldm_jax import parallel
+    from ldm_jax.stable_diffusion import load as latent_model
+    from ldm_jax.stages import ldm_sample
+    from ldm_jax.utils import image_grid
+    if options.get("out") is not None:
+        image_grid.check_output_path(options["out"])
+    ldm_sample.image_count(options)
+    mesh = parallel.make_mesh()
+    config, loaded = latent_model.load(
+        path, mesh, tokenizer=options.get("tokenizer"),
+        parameterization=options.get("parameterization"), step=options.get("step"),
+        use_ema=False if options.get("raw_params") else None)
+    ldm_sample.check_options(config, options, loaded.tok)
+    name = os.path.basename(os.path.normpath(path)).split(".")[0] or "pretrained"
+    out = options.get("out") or os.path.join("samples", f"{name}_seed{options['seed']}.png")
+    return ldm_sample.sample_loaded(config, loaded, mesh, options, out, os.path.abspath(path))

@@ -34,7 +34,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def write_workdir(sd, dst: str) -> str:
-    """Save an SDModel (convert.stable_diffusion) as a workdir at `dst` (new or empty)."""
+    """Save an SDModel (stable_diffusion.read) as a workdir at `dst` (new or empty)."""
     from ldm_jax.models.autoencoder import downsampling_factor
     from ldm_jax.models.text_encoder import TextTransformer
     from ldm_jax.models.text_encoder_io import save_pretrained
