@@ -192,6 +192,14 @@ def test_convert_and_sample_from_the_command_line(sd1, tmp_path):
     r = run(os.path.join(ROOT, "sample.py"), f"--pretrained={sd1}", "--prompt=a", "--steps=2",
             "--height=18")
     assert r.returncode == 2 and "--height=18: this model takes multiples of 4" in r.stderr
+    # img2img straight from the diffusers folder: the picture beside the result.
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(tmp_path / "in.png")
+    r = run(os.path.join(ROOT, "sample.py"), f"--pretrained={sd1}", "--prompt=the circle",
+            f"--init_image={tmp_path}/in.png", "--strength=0.5", "--steps=4", "--num=1",
+            f"--out={tmp_path}/i2i.png")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with Image.open(tmp_path / "i2i.png") as im:
+        assert im.size[0] >= 32 and im.size[1] >= 16  # [input | result], captioned
     r = run("-m", "ldm_jax.convert", sd1, dst)
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
 
