@@ -6,7 +6,7 @@ rate of 4.5e-6 that main.py multiplies by batch size x accumulation x GPUs.
 """
 import ml_collections
 
-from configs import eval_base
+from configs import data_sources, eval_base
 
 
 def get_config():
@@ -15,7 +15,7 @@ def get_config():
     config.seed = 0
 
     config.data = dict(
-        name="shapes",          # "shapes" (embedded), "cifar10" or "tfds" (prepared by you)
+        name="shapes",          # shapes (embedded) | cifar10 | tfds | folder | webdataset
         data_dir="",
         image_size=64,
         num_train=20000,
@@ -27,6 +27,7 @@ def get_config():
         num_threads=2,
         prefetch=4,
     )
+    config.data.update(data_sources.source_fields())
     config.model = dict(
         kind="kl",              # kl (Gaussian posterior) | vq (vector-quantised)
         ch=128,

@@ -1,7 +1,7 @@
 """Fields shared by every pixel-space DDPM config; experiment configs start from this one."""
 import ml_collections
 
-from configs import eval_base
+from configs import data_sources, eval_base
 
 
 def get_config():
@@ -10,7 +10,7 @@ def get_config():
     config.seed = 0
 
     config.data = dict(
-        name="shapes",          # "shapes" (embedded, generated locally) or "cifar10" (tfds, prepared by you)
+        name="shapes",          # shapes (embedded) | cifar10 | tfds | folder | webdataset
         data_dir="",            # tfds data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
         image_size=32,
         num_train=20000,        # shapes only: how many training images to generate
@@ -22,6 +22,7 @@ def get_config():
         num_threads=2,          # grain reader threads per process
         prefetch=4,             # batches prefetched per process
     )
+    config.data.update(data_sources.source_fields())
     config.model = dict(
         base_channels=128,
         channel_mult=(1, 2, 2, 2),

@@ -63,7 +63,14 @@ def check_data(data) -> None:
     """The dataset fields every stage reads."""
     from ldm_jax.data import shapes
 
-    one_of(data.name, ("shapes", "cifar10", "tfds"), "data.name")
+    one_of(data.name, ("shapes", "cifar10", "tfds", "folder", "webdataset"), "data.name")
+    one_of(data.crop, ("center", "random"), "data.crop")
+    if data.name in ("folder", "webdataset"):
+        if not data.path and not (data.name == "folder" and data.manifest):
+            raise ConfigError(f"data.name={data.name!r} needs data.path (the "
+                              + ("image folder" if data.name == "folder" else
+                                 "tar shards, e.g. 'shards/{000000..000099}.tar'") + ")")
+        at_least(data.image_size, 8, "data.image_size", "pixels per side")
     if data.name == "tfds":
         at_least(data.image_size, 8, "data.image_size", "pixels per side")
         if data.num_classes < 0:

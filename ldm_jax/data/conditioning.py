@@ -42,8 +42,12 @@ def sampling_labels(config, num: int, split: str = "train", caption: str | None 
     return labels, captions
 
 
-def value_names(data_name: str, key: str):
-    """The names of a label's values (index -> name), or None where the values are numbers."""
+def value_names(data, key: str):
+    """The names of a label's values (index -> name), or None where the values are numbers.
+    `data` is the config's data section (a folder's class names are kept in it)."""
+    data_name = data.name
+    if data_name == "folder" and key == "label" and data.class_names:
+        return tuple(data.class_names)
     if data_name == "shapes":
         from ldm_jax.data import shapes
         for prefix, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES),
@@ -78,16 +82,16 @@ def class_labels(config, classes):
             raise ConfigError(f"--class={text}: " + (f"unknown labels {unknown}; " if unknown
                               else "") + (f"missing {missing}; " if missing else "")
                               + f"this model's labels are {list(keys)}")
-        row = [_label_value(config.data.name, k, given[k], sizes[k], text) for k in keys]
+        row = [_label_value(config.data, k, given[k], sizes[k], text) for k in keys]
         rows.append(row)
-        named = [_value_name(config.data.name, k, v) for k, v in zip(keys, row)]
+        named = [_value_name(config.data, k, v) for k, v in zip(keys, row)]
         names.append(named[0] if len(keys) == 1 else
                      ", ".join(f"{k}={n}" for k, n in zip(keys, named)))
     return np.asarray(rows, np.int32), names
 
 
-def _label_value(data_name, key, value: str, size: int, text) -> int:
-    names = value_names(data_name, key)
+def _label_value(data, key, value: str, size: int, text) -> int:
+    names = value_names(data, key)
     if value.lstrip("-").isdigit():
         index = int(value)
     elif names is not None and value in names:
@@ -100,6 +104,6 @@ def _label_value(data_name, key, value: str, size: int, text) -> int:
     return index
 
 
-def _value_name(data_name, key, index: int) -> str:
-    names = value_names(data_name, key)
+def _value_name(data, key, index: int) -> str:
+    names = value_names(data, key)
     return names[index] if names is not None else str(index)

@@ -12,6 +12,8 @@ import os
 import grain
 import numpy as np
 
+from ldm_jax.data import image_files
+
 _IMAGE_KEY = "image"
 
 
@@ -19,8 +21,41 @@ def default_data_dir(data_dir: str) -> str:
     return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
-def load_source(data_config, split: str = "train", prepare: bool = True):
-    """The random-access source for `data_config.name` (prepared locally for the embedded set)."""
+class _SquareView:
+    """A source whose records keep their aspect ratio, seen with centre-cropped square images:
+    what everything but the training stream reads (sample grids, evaluation, latent scales)."""
+
+    def __init__(self, source, size: int):
+        self._source, self._size = source, size
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        record = dict(self._source[index])
+        record[_IMAGE_KEY] = image_files.square_crop(np.asarray(record[_IMAGE_KEY]), self._size)
+        return record
+
+    def __getattr__(self, name):  # class names, skip counts, describe() ...
+        return getattr(self._source, name)
+
+
+def as_square(source, data_config):
+    """`source` with centre-cropped square images, whichever way it was loaded."""
+    if data_config.name in ("folder", "webdataset") and not isinstance(source, _SquareView):
+        return _SquareView(source, data_config.image_size)
+    return source
+
+
+def load_source(data_config, split: str = "train", prepare: bool = True, square: bool = True):
+    """The random-access source for `data_config.name` (prepared locally for the embedded set).
+    Folder and tar-shard records keep their aspect ratio (shorter side = image_size) when
+    `square` is False, for the training stream's own (random) crop; else they are centre-cropped."""
+    source = _load_source(data_config, split, prepare)
+    return as_square(source, data_config) if square else source
+
+
+def _load_source(data_config, split: str, prepare: bool):
     data_dir = default_data_dir(data_config.data_dir)
     if data_config.name == "shapes":
         from ldm_jax.data import shapes_tfds
@@ -40,7 +75,23 @@ def load_source(data_config, split: str = "train", prepare: bool = True):
     if data_config.name == "tfds":
         from ldm_jax.data import tfds_source
         return tfds_source.load(data_config, split, data_dir)
+    if data_config.name == "folder":
+        from ldm_jax.data.folder_source import FolderSource
+        d = data_config
+        return FolderSource(os.path.expanduser(d.path), d.image_size, split=split,
+                            num_val=d.num_val, manifest=os.path.expanduser(d.manifest),
+                            min_size=d.min_size, max_aspect=d.max_aspect)
+    if data_config.name == "webdataset":
+        from ldm_jax.data.webdataset_source import WebDatasetSource
+        d = data_config
+        return WebDatasetSource(d.path, d.image_size, caption_key=d.caption_key,
+                                filters=d.filters)
     raise ValueError(f"unknown dataset {data_config.name!r}")
+
+
+def has_captions(data_config, source) -> bool:
+    """Whether the records carry captions (for text-conditioned training)."""
+    return data_config.name == "shapes" or bool(getattr(source, "has_captions", False))
 
 
 def split_name(data_config, split: str) -> str:
@@ -62,6 +113,13 @@ def label_sizes(data_config) -> dict:
         from ldm_jax.data import tfds_source
         return {"label": tfds_source.num_classes(data_config,
                                                  default_data_dir(data_config.data_dir))}
+    if data_config.name == "folder":  # class sub-folders, or a manifest's label column
+        if data_config.class_names:  # a trained workdir's: no need for the folder
+            return {"label": len(data_config.class_names)}
+        classes = load_source(data_config).num_classes
+        return {"label": classes} if classes else {}
+    if data_config.name == "webdataset":
+        return {}
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
@@ -78,14 +136,23 @@ class _LoadAndPreprocess(grain.transforms.Map):
     The flip is drawn from (seed, global index), so it does not depend on the process layout.
     """
 
-    def __init__(self, stream, random_flip: bool, seed: int, label_keys=(), record_fields=None):
+    def __init__(self, stream, random_flip: bool, seed: int, label_keys=(), record_fields=None,
+                 image_size: int | None = None, random_crop: bool = False):
         self.stream, self.random_flip, self.seed = stream, random_flip, seed
         self.label_keys = tuple(label_keys)
         self.record_fields = record_fields
+        self.image_size, self.random_crop = image_size, random_crop
 
     def map(self, g: int):
         element = self.stream[g]
-        image = np.asarray(element[_IMAGE_KEY], dtype=np.float32) / 127.5 - 1.0
+        image = np.asarray(element[_IMAGE_KEY])
+        if self.image_size and image.shape[0] != image.shape[1]:
+            # Sources keep the aspect ratio (shorter side = image_size); the crop is drawn from
+            # (seed, global index) like the flip, so it does not depend on the process layout.
+            offset = (np.random.default_rng([self.seed, g, 1]).random() if self.random_crop
+                      else None)
+            image = image_files.square_crop(image, self.image_size, offset)
+        image = image.astype(np.float32) / 127.5 - 1.0
         if self.random_flip and np.random.default_rng([self.seed, g]).random() < 0.5:
             image = image[:, ::-1]
         out = {_IMAGE_KEY: image}
@@ -111,7 +178,8 @@ def make_train_iterator(source, data_config, global_batch_size: int, seed: int,
     ds = (grain.MapDataset.range(0, 2**62)
           .map(global_index)
           .map(_LoadAndPreprocess(stream, data_config.random_flip, seed, label_keys,
-                                    record_fields))
+                                    record_fields, data_config.image_size,
+                                    data_config.crop == "random"))
           .batch(local, drop_remainder=True))
     read = grain.ReadOptions(num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch)
     return iter(ds.to_iter_dataset(read))

@@ -196,6 +196,7 @@ def write_latent_scale(config, model, params, model_state, workdir, step, source
     """LDM's scale_by_std: 1/std of posterior samples over latent.num_images training images
     (or the fixed scale), and the same for the posterior means, written to
     WORKDIR/latent_scale.json for the latent stage."""
+    source = pipeline.as_square(source, config.data)
     lat = config.latent
     record = {"step": int(step), "mode": lat.scale}
     if lat.scale == "fixed":

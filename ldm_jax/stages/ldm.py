@@ -31,7 +31,7 @@ def _count(tree) -> int:
 
 
 def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
-    ldm_checks.check_training_data(config)
+    ldm_checks.check_training_data(config, source)
     record = first_stage_lib.read_record(workdir)
     first = first_stage_lib.load(config, mesh, record)
     if record is None and is_main:

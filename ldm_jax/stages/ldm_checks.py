@@ -36,11 +36,13 @@ def validate(config) -> None:
     check_training(config)
 
 
-def check_training_data(config) -> None:
+def check_training_data(config, source) -> None:
     """What training reads beyond the config itself (sampling a trained model needs no data)."""
-    if config.conditioning.text and config.data.name != "shapes":
-        raise ConfigError(f"conditioning.text needs captions; the {config.data.name} dataset "
-                          "has none (the shapes dataset has)")
+    from ldm_jax.data import pipeline
+    if config.conditioning.text and not pipeline.has_captions(config.data, source):
+        raise ConfigError(f"conditioning.text needs captions; this {config.data.name} dataset "
+                          "has none (shapes, tar shards, and folders with .txt captions or a "
+                          "manifest have)")
 
 
 def _check_conditioning(config) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ldm_jax import config_utils, parallel
 from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
+from ldm_jax.config_checks import ConfigError
 from ldm_jax.data import pipeline
 from ldm_jax.training import resume_check
 from ldm_jax.training.metrics_logger import MetricLogger
@@ -24,16 +25,45 @@ def _load_data(config):
     """Process 0 prepares the embedded dataset first; the others then find it on a shared
     filesystem, or prepare their own identical copy (it is deterministic) on a local one."""
     if jax.process_index() == 0:
-        source = pipeline.load_source(config.data, prepare=True)
+        source = pipeline.load_source(config.data, prepare=True, square=False)
     parallel.wait_for_all_processes("data_prepared")
     if jax.process_index() != 0:
-        source = pipeline.load_source(config.data, prepare=True)
+        source = pipeline.load_source(config.data, prepare=True, square=False)
     return source
 
 
+def _with_class_names(config, source):
+    """A class-folder dataset's names go into the config, and so into the workdir, where
+    sampling finds them. A run resumed on class folders that changed is refused."""
+    names = tuple(getattr(source, "class_names", None) or ())
+    known = tuple(config.data.class_names)
+    if not names or known == names:
+        return config
+    if known:
+        raise ConfigError(f"the class folders of {config.data.path} changed since this run "
+                          f"started (classes {list(known)}, now {list(names)}); labels would "
+                          "mean other classes: restore the folders or use a new --workdir")
+    config = config.copy_and_resolve_references()
+    config.data.class_names = names
+    return config
+
+
+def _stored_class_names(ckpt, step: int, config):
+    """The class names a resumed run recorded (the command line leaves them empty)."""
+    stored = ckpt.stored_config(step).get("data", {}).get("class_names") or ()
+    if not stored or tuple(config.data.class_names):
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.class_names = tuple(stored)
+    return config
+
+
 def _check_resume(ckpt, step: int, config, allow_changes) -> list[str]:
-    """Notes on the config changes since checkpoint `step`; ConfigError for unmeant ones."""
+    """Notes on the config changes since checkpoint `step`; ConfigError for unmeant ones.
+    Class names are filled in from the data after this check (see _stored_class_names)."""
     stored = config_utils.config_from_dict(ckpt.stored_config(step))
+    if not tuple(config.data.class_names):
+        stored.data.class_names = ()
     notes = resume_check.check_resume(stored.to_dict(), config.to_dict(), step, allow_changes)
     note = resume_check.num_steps_note(stored, config, step)
     return notes + ([note] if note else [])
@@ -76,8 +106,11 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     latest = ckpt.latest_step()
     # Nothing in the workdir changes before this check has passed.
     resume_notes = [] if latest is None else _check_resume(ckpt, latest, config, allow_changes)
+    if latest is not None:
+        config = _stored_class_names(ckpt, latest, config)
 
     source = _load_data(config)
+    config = _with_class_names(config, source)
     run = stage.build_run(config, mesh, workdir, source, is_main)
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(run.init, rng)
@@ -111,12 +144,15 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
                 f"process(es), global batch {t.batch_size}")
     for note in resume_notes:
         logger.note(note)
+    if hasattr(source, "describe"):  # user data: what was found, what the filters dropped
+        logger.note(f"data: {source.describe()}")
     if first_step >= t.num_steps:
         logger.note(f"already trained to step {first_step} (training.num_steps={t.num_steps}); "
                     "raise --config.training.num_steps to train further")
     try:
         history = _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger,
-                             first_step, stop_at, counters, stop_request)
+                             first_step, stop_at, counters, stop_request,
+                             getattr(source, "skipped", None))
     except TrainingDivergedError as e:
         ckpt.wait()  # let a save of an earlier, finite state finish
         last = ckpt.latest_step()
@@ -132,8 +168,10 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
 
 
 def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger, first_step,
-               stop_at, counters, stop_request) -> list[dict]:
+               stop_at, counters, stop_request, skipped=None) -> list[dict]:
+    """`skipped`: the source's count of unreadable files (image_files.SkipCounter), if any."""
     t = config.training
+    reported_skips = 0
     guarded = guard_step(run.train_step, t.skip_nonfinite_steps)
     frozen = jax.device_put(run.frozen, parallel.replicated(mesh))
     step_fn = jax.jit(guarded,
@@ -180,6 +218,10 @@ def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger
                     mean["nonfinite_skipped"] = watch.skipped
                 history.append({"step": done, **logger.log(done, mean)})
             pending = []
+            if skipped is not None and skipped.count > reported_skips:
+                reported_skips = skipped.count
+                logger.note(f"skipped {skipped.count} unreadable image file(s) so far, each "
+                            f"replaced by the next readable one (last: {skipped.last})")
         if save_due or stopping:
             ckpt.save(done, state, data_iter.get_state(), config.to_dict(),
                       {"nonfinite_skipped": watch.skipped})
