@@ -63,7 +63,11 @@ def check_data(data) -> None:
     """The dataset fields every stage reads."""
     from ldm_jax.data import shapes
 
-    one_of(data.name, ("shapes", "cifar10", "tfds", "folder", "webdataset"), "data.name")
+    one_of(data.name, ("shapes", "cifar10", "tfds", "folder", "webdataset", "latents"),
+           "data.name")
+    if data.name == "latents" and not data.path:
+        raise ConfigError("data.name='latents' needs data.path, a cache written by `python -m "
+                          "ldm_jax.data.cache`")
     one_of(data.crop, ("center", "random"), "data.crop")
     if data.name in ("folder", "webdataset"):
         if not data.path and not (data.name == "folder" and data.manifest):

@@ -15,6 +15,8 @@ import numpy as np
 from ldm_jax.data import image_files
 
 _IMAGE_KEY = "image"
+# What a latent cache record carries instead of the image (data/latents_source.py).
+_CACHED_KEYS = ("latents", "context", "ids", "mask")
 
 
 def default_data_dir(data_dir: str) -> str:
@@ -86,6 +88,9 @@ def _load_source(data_config, split: str, prepare: bool):
         d = data_config
         return WebDatasetSource(d.path, d.image_size, caption_key=d.caption_key,
                                 filters=d.filters)
+    if data_config.name == "latents":
+        from ldm_jax.data.latents_source import LatentsSource
+        return LatentsSource(data_config.path, split)
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
@@ -120,6 +125,9 @@ def label_sizes(data_config) -> dict:
         return {"label": classes} if classes else {}
     if data_config.name == "webdataset":
         return {}
+    if data_config.name == "latents":  # the cached dataset's own labels
+        from ldm_jax.data.latents_source import read_meta
+        return dict(read_meta(os.path.expanduser(data_config.path))["label_sizes"])
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
@@ -145,6 +153,9 @@ class _LoadAndPreprocess(grain.transforms.Map):
 
     def map(self, g: int):
         element = self.stream[g]
+        if _IMAGE_KEY not in element:  # a latent cache: encoded already, nothing to crop or flip
+            out = {k: np.asarray(element[k]) for k in _CACHED_KEYS if k in element}
+            return self._conditioning(element, out)
         image = np.asarray(element[_IMAGE_KEY])
         if self.image_size and image.shape[0] != image.shape[1]:
             # Sources keep the aspect ratio (shorter side = image_size); the crop is drawn from
@@ -155,7 +166,9 @@ class _LoadAndPreprocess(grain.transforms.Map):
         image = image.astype(np.float32) / 127.5 - 1.0
         if self.random_flip and np.random.default_rng([self.seed, g]).random() < 0.5:
             image = image[:, ::-1]
-        out = {_IMAGE_KEY: image}
+        return self._conditioning(element, {_IMAGE_KEY: image})
+
+    def _conditioning(self, element, out):
         if self.label_keys:
             out["labels"] = stack_labels(element, self.label_keys)
         if self.record_fields is not None:

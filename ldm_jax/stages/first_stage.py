@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from ldm_jax.config_checks import ConfigError
 
@@ -40,6 +41,26 @@ class FirstStage:
             z = out.sample(key) if self.posterior == "sample" else out.mode()
         else:
             z = out[0]
+        return jax.lax.stop_gradient(z) * self.scale
+
+    def cacheable(self, frozen, images):
+        """What a latent cache stores for `images`: the KL posterior's mean and (clamped)
+        log-variance side by side, or the VQ latents; `from_cache` turns it into what `encode`
+        gives, with the same key giving the same sample."""
+        variables = {"params": frozen["params"]["autoencoder"], **frozen["model_state"]}
+        out = self.model.apply(variables, images, train=False, method=self.model.encode)
+        if self.kind == "kl":
+            return jnp.concatenate([out.mean, out.logvar], axis=-1)
+        return out[0]
+
+    def from_cache(self, cached, key):
+        """Scaled latents from `cacheable`'s output, as `encode` would give them."""
+        if self.kind == "kl":
+            from ldm_jax.models.autoencoder import DiagonalGaussian
+            dist = DiagonalGaussian.from_moments(cached)
+            z = dist.sample(key) if self.posterior == "sample" else dist.mode()
+        else:
+            z = cached
         return jax.lax.stop_gradient(z) * self.scale
 
     def decode(self, frozen, latents):

@@ -6,6 +6,8 @@ Sampling (grids during training, sample.py, evaluation) goes through
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
@@ -46,8 +48,11 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         frozen.update(fixed)
     tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
     shape = first_stage_lib.latent_shape(config, first, 1)
+    empty_context = None
+    if config.data.name == "latents":
+        empty_context = _check_cache(config, first, model, fixed, tok)
     step = ldm_step.make_train_step(config, model, first, schedule, tx, lr_fn,
-                                    empty_tokens(tok), mesh)
+                                    empty_tokens(tok), mesh, empty_context)
 
     def describe(abstract):
         parts = [f"latent U-Net: {_count(abstract.params['unet']):,} parameters"]
@@ -83,6 +88,30 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         frozen=frozen,
         periodic=grids if config.training.sample_every else None,
         evaluate=evaluate, evaluate_every=config.eval.every)
+
+
+def _check_cache(config, first, model, fixed, tok):
+    """A latent cache must come from this run's first stage (and frozen text encoder); returns
+    the empty caption's context when the cache holds text context (what dropped captions get)."""
+    from ldm_jax.config_checks import ConfigError
+    from ldm_jax.data.latents_source import read_meta
+    meta = read_meta(config.data.path)
+    made = meta["first_stage"]
+    if (made["workdir"], int(made["step"])) != (first.workdir, first.step) or \
+            abs(float(made["scale"]) - first.scale) > 1e-12 or made["posterior"] != first.posterior:
+        raise ConfigError(f"the latent cache {config.data.path} was made with the first stage "
+                          f"{made['workdir']} (step {made['step']}, scale {made['scale']:.6g}, "
+                          f"{made['posterior']}); this run's is {first.workdir} (step "
+                          f"{first.step}, scale {first.scale:.6g}, {first.posterior}): write "
+                          "the cache again with this first stage")
+    if not meta.get("text_encoder"):
+        return None
+    if meta["text_encoder"] != os.path.abspath(config.text_encoder.pretrained):
+        raise ConfigError(f"the latent cache {config.data.path} holds text context from "
+                          f"{meta['text_encoder']}, not text_encoder.pretrained="
+                          f"{config.text_encoder.pretrained}")
+    ids, mask = empty_tokens(tok)
+    return jax.jit(model.encode_text)(fixed, ids, mask)[0]
 
 
 def image_maker(config, mesh, workdir: str):

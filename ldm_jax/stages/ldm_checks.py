@@ -39,6 +39,14 @@ def validate(config) -> None:
 def check_training_data(config, source) -> None:
     """What training reads beyond the config itself (sampling a trained model needs no data)."""
     from ldm_jax.data import pipeline
+    if config.data.name == "latents" and config.conditioning.concat != "none":
+        raise ConfigError(f"conditioning.concat={config.conditioning.concat!r} builds its inputs "
+                          "from the images, which a latent cache does not hold; train on images")
+    if config.data.name == "latents" and config.eval.every:
+        raise ConfigError("eval.every: evaluation compares samples with the dataset's images, "
+                          "which a latent cache does not hold; set --config.eval.every=0 and "
+                          "evaluate the workdir with `python -m ldm_jax.evaluate` on the image "
+                          "dataset")
     if config.conditioning.text and not pipeline.has_captions(config.data, source):
         raise ConfigError(f"conditioning.text needs captions; this {config.data.name} dataset "
                           "has none (shapes, tar shards, and folders with .txt captions or a "

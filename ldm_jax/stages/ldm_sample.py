@@ -166,7 +166,9 @@ def split_conditions(config, tok, first, split: str, num: int):
     labels = (np.stack([pipeline.stack_labels(r, keys) for r in records]) if keys else None)
     captions = [_caption(r) if "caption" in r else
                 ", ".join(f"{k}={r[k]}" for k in keys) for r in records]
-    images = np.stack([np.asarray(r["image"], np.float32) / 127.5 - 1.0 for r in records])
+    images = None  # a latent cache's records have none; concat models never train on one
+    if "image" in records[0]:
+        images = np.stack([np.asarray(r["image"], np.float32) / 127.5 - 1.0 for r in records])
     concat = None
     kind = config.conditioning.concat
     if kind != "none":

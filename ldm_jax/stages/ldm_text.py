@@ -14,13 +14,14 @@ from ldm_jax.config_checks import ConfigError
 TOKENIZER_FILE = "tokenizer.json"
 
 
+def caption_of(record) -> str:
+    caption = record["caption"]
+    return caption.decode() if isinstance(caption, bytes) else str(caption)
+
+
 def captions_of(source) -> list[str]:
     """Every caption of a random-access source, as str."""
-    out = []
-    for i in range(len(source)):
-        caption = source[i]["caption"]
-        out.append(caption.decode() if isinstance(caption, bytes) else str(caption))
-    return out
+    return [caption_of(source[i]) for i in range(len(source))]
 
 
 def workdir_tokenizer(config, workdir: str, source, is_main: bool):

@@ -174,13 +174,13 @@ def init_state(config, model: LatentModel, tx, rng, latent_shape: tuple,
     return TrainState.create(params, tx, state_rng)
 
 
-def training_cond(config, first, frozen, batch, key, empty_tokens):
+def training_cond(config, first, frozen, batch, key, empty_tokens, empty_context=None):
     """Conditioning inputs of one batch: labels and captions withheld with probability
-    conditioning.p_uncond (labels -> DROPPED, captions -> the empty caption), and the concat
-    inputs built from the images."""
+    conditioning.p_uncond (labels -> DROPPED, captions -> the empty caption; cached text
+    context -> the empty caption's), and the concat inputs built from the images."""
     c = config.conditioning
-    images = batch["image"]
-    b = images.shape[0]
+    images = batch.get("image")
+    b = (images if images is not None else batch["latents"]).shape[0]
     drop_key, mask_key, encode_key = jax.random.split(key, 3)
     drop = jax.random.bernoulli(drop_key, c.p_uncond, (b, 1))
     cond = {}
@@ -190,6 +190,9 @@ def training_cond(config, first, frozen, batch, key, empty_tokens):
         empty_ids, empty_mask = (jnp.asarray(a[0]) for a in empty_tokens)
         cond["ids"] = jnp.where(drop, empty_ids[None], batch["ids"])
         cond["mask"] = jnp.where(drop, empty_mask[None], batch["mask"])
+    if "context" in batch:  # a latent cache's frozen-encoder hidden states
+        cond["context"] = jnp.where(drop[:, :, None], empty_context[None],
+                                    batch["context"].astype(jnp.float32))
     if c.concat == "inpaint":
         mask = concat_inputs.random_masks(mask_key, b, images.shape[1], c.inpaint_full_mask_prob)
         cond["concat"] = inpaint_input(first, frozen, images, mask, encode_key)
@@ -206,7 +209,7 @@ def inpaint_input(first, frozen, images, mask, key):
 
 
 def make_train_step(config, model: LatentModel, first, schedule, tx, lr_fn, empty_tokens,
-                    mesh=None):
+                    mesh=None, empty_context=None):
     """step(state, batch, frozen) -> (state, metrics). `frozen` holds the first stage's params
     under "first_stage", and the parts of the model that are not trained (a pretrained text
     encoder) under their param names."""
@@ -217,7 +220,8 @@ def make_train_step(config, model: LatentModel, first, schedule, tx, lr_fn, empt
     def loss_fn(params, z0, t, noise, cond, dropout_key, fixed):
         params = {**params, **fixed}
         apply = lambda x_t, tt: model.apply(params, x_t, tt, cond, train=True,
-                                            rngs={"dropout": dropout_key})
+                                            rngs={"dropout": dropout_key},
+                                            context=cond.get("context"))
         loss, _ = objectives.diffusion_loss(apply, schedule, z0, None,
                                             parameterization=d.parameterization,
                                             weighting=d.loss_weighting, snr_gamma=d.snr_gamma,
@@ -231,8 +235,12 @@ def make_train_step(config, model: LatentModel, first, schedule, tx, lr_fn, empt
         encode_key, noise_key, dropout_key, cond_key = jax.random.split(key, 4)
         first_params = frozen["first_stage"]
         fixed = {k: v for k, v in frozen.items() if k != "first_stage"}
-        z0 = first.encode(first_params, batch["image"], encode_key)
-        cond = training_cond(config, first, first_params, batch, cond_key, empty_tokens)
+        if "latents" in batch:  # a latent cache: the same key draws the same sample
+            z0 = first.from_cache(batch["latents"], encode_key)
+        else:
+            z0 = first.encode(first_params, batch["image"], encode_key)
+        cond = training_cond(config, first, first_params, batch, cond_key, empty_tokens,
+                             empty_context)
         # t and noise for the whole batch, so micro-batches see one large batch's draws.
         t, noise = objectives.draw_t_and_noise(schedule, noise_key, z0.shape,
                                                 sampling=d.timestep_sampling,

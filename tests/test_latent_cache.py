@@ -1,0 +1,80 @@
+"""The latent cache: `python -m ldm_jax.data.cache` encodes a latent-diffusion run's data once
+with its frozen first stage; training on the cache (data.name=latents) gives the same losses
+as encoding the same examples on the fly, and a cache made with another first stage is
+refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ldm_fixtures import tiny_ldm_cli_args, tiny_ldm_config
+from ldm_jax.config_checks import ConfigError
+from ldm_jax.data import pipeline
+from ldm_jax.training.loop import train
+from test_ldm_stage import first_stage_dir  # noqa: F401 (the session's tiny autoencoder)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(shapes_data_dir, first_stage_dir, tmp_path_factory):  # noqa: F811
+    out = str(tmp_path_factory.mktemp("cache") / "latents")
+    args = [f"--config={ROOT}/configs/ldm_kl8.py", f"--out={out}", "--splits=train",
+            *tiny_ldm_cli_args(shapes_data_dir, first_stage_dir)]
+    r = subprocess.run([sys.executable, "-m", "ldm_jax.data.cache", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "train: 64 examples encoded" in r.stdout
+    return out
+
+
+def test_cache_holds_every_example(cache_dir, shapes_data_dir, first_stage_dir):  # noqa: F811
+    config = tiny_ldm_config(shapes_data_dir, first_stage_dir,
+                             **{"data.name": "latents", "data.path": cache_dir})
+    source = pipeline.load_source(config.data, square=False)
+    images = pipeline.load_source(tiny_ldm_config(shapes_data_dir, first_stage_dir).data)
+    assert len(source) == len(images) == 64
+    record = source[5]
+    assert record["latents"].shape == (16, 16, 8)  # KL mean and log-variance, 4 + 4 channels
+    caption = images[5]["caption"]
+    assert record["caption"] == (caption.decode() if isinstance(caption, bytes) else caption)
+    with open(os.path.join(cache_dir, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["first_stage"]["workdir"] == os.path.abspath(first_stage_dir)
+    with pytest.raises(ConfigError, match="has no validation split"):
+        pipeline.load_source(config.data, split="validation")
+
+
+def test_training_on_the_cache_equals_encoding_on_the_fly(cache_dir, shapes_data_dir,
+                                                          first_stage_dir, tmp_path):  # noqa: F811
+    steps = {"training.num_steps": 3, "training.log_every": 1, "training.checkpoint_every": 3}
+    on_the_fly = train(tiny_ldm_config(shapes_data_dir, first_stage_dir, **steps),
+                       str(tmp_path / "images"))
+    cached = train(tiny_ldm_config(shapes_data_dir, first_stage_dir, **steps,
+                                   **{"data.name": "latents", "data.path": cache_dir}),
+                   str(tmp_path / "latents"))
+    a = np.array([h["loss"] for h in on_the_fly])
+    b = np.array([h["loss"] for h in cached])
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(b, a, rtol=2e-5)
+    assert len(set(np.round(a, 6))) == 3  # three different batches, not one loss repeated
+
+
+def test_a_cache_of_another_first_stage_is_refused(cache_dir, shapes_data_dir, first_stage_dir,
+                                                   tmp_path):  # noqa: F811
+    import shutil
+    other = str(tmp_path / "other")
+    shutil.copytree(cache_dir, other)
+    with open(os.path.join(other, "meta.json")) as f:
+        meta = json.load(f)
+    meta["first_stage"]["step"] += 1
+    with open(os.path.join(other, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    config = tiny_ldm_config(shapes_data_dir, first_stage_dir,
+                             **{"data.name": "latents", "data.path": other,
+                                "training.num_steps": 1})
+    with pytest.raises(ConfigError, match="was made with the first stage"):
+        train(config, str(tmp_path / "run"))
