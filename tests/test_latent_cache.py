@@ -14,7 +14,7 @@ from ldm_fixtures import tiny_ldm_cli_args, tiny_ldm_config
 from ldm_jax.config_checks import ConfigError
 from ldm_jax.data import pipeline
 from ldm_jax.training.loop import train
-from test_ldm_stage import first_stage_dir  # noqa: F401 (the session's tiny autoencoder)
+from test_ldm_stage import first_stage_dir, parts  # noqa: F401 (the session's tiny parts)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,3 +78,28 @@ def test_a_cache_of_another_first_stage_is_refused(cache_dir, shapes_data_dir, f
                                 "training.num_steps": 1})
     with pytest.raises(ConfigError, match="was made with the first stage"):
         train(config, str(tmp_path / "run"))
+
+
+def test_cached_text_context_of_a_frozen_encoder_trains_the_same(parts, shapes_data_dir,  # noqa: F811
+                                                                 first_stage_dir, tmp_path):  # noqa: F811
+    """With text_encoder.pretrained the cache also holds the frozen encoder's hidden states;
+    dropped captions get the empty caption's, as on the fly."""
+    from ldm_jax.models import text_encoder_io
+    from ldm_jax.stages.latent_cache import write_cache
+    config, _, tok, model, _, params = parts
+    folder = str(tmp_path / "encoder")
+    text_encoder_io.save_pretrained(folder, model.text_encoder, params["text_encoder"], tok)
+    fields = {"text_encoder.pretrained": folder, "training.num_steps": 3,
+              "training.log_every": 1, "conditioning.p_uncond": 0.5}
+    out = str(tmp_path / "cache")
+    meta = write_cache(tiny_ldm_config(shapes_data_dir, first_stage_dir, **fields), out,
+                       ("train",), log=lambda line: None)
+    assert meta["text_encoder"] == os.path.abspath(folder)
+    record = pipeline.load_source(tiny_ldm_config(
+        shapes_data_dir, first_stage_dir, **fields,
+        **{"data.name": "latents", "data.path": out}).data, square=False)[0]
+    assert record["context"].shape == (config.text_encoder.max_length, config.text_encoder.width)
+    a = train(tiny_ldm_config(shapes_data_dir, first_stage_dir, **fields), str(tmp_path / "a"))
+    b = train(tiny_ldm_config(shapes_data_dir, first_stage_dir, **fields,
+                              **{"data.name": "latents", "data.path": out}), str(tmp_path / "b"))
+    np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=2e-5)
