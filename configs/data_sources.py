@@ -7,7 +7,8 @@ def source_fields() -> dict:
         path="",                # folder: the image folder; webdataset: the .tar shards (a list
                                 # with commas and/or a brace pattern "shards/{000000..000099}.tar")
         manifest="",            # folder: a .csv/.jsonl of path,caption[,label] instead of a scan
-        caption_key="caption",  # webdataset: the .json field with the caption when no .txt
+        caption_key="caption",  # webdataset: the .json field with the caption when no .txt;
+                                # tfds: the Text feature read as the caption, where it exists
         crop="center",          # center | random: the square crop after resizing the shorter side
         min_size=0,             # folder: drop images whose shorter side is smaller (0: keep)
         max_aspect=0.0,         # folder: drop images with long/short above this (0: keep)

@@ -11,7 +11,10 @@ from configs import ddpm_base
 
 def get_config():
     config = ddpm_base.get_config()
-    config.data.name = "cifar10"
+    config.data.name = "tfds"  # older workdirs say "cifar10", a shorthand for these four
+    config.data.tfds_name = "cifar10"
+    config.data.image_key = "image"
+    config.data.label_key = "label"
     config.data.image_size = 32
     config.data.random_flip = True
     # Model, diffusion and optimiser defaults in ddpm_base are the paper's CIFAR-10 settings:

@@ -61,10 +61,11 @@ def check_training(config) -> None:
 
 def check_data(data) -> None:
     """The dataset fields every stage reads."""
-    from ldm_jax.data import shapes
+    from ldm_jax.data import shapes, tfds_source
 
     one_of(data.name, ("shapes", "cifar10", "tfds", "folder", "webdataset", "latents"),
            "data.name")
+    data = tfds_source.resolve(data)  # the shorthand "cifar10" is checked as the tfds source
     if data.name == "latents" and not data.path:
         raise ConfigError("data.name='latents' needs data.path, a cache written by `python -m "
                           "ldm_jax.data.cache`")
@@ -83,7 +84,8 @@ def check_data(data) -> None:
     if data.name == "shapes":
         one_of(data.image_size, shapes.ALLOWED_IMAGE_SIZES, "data.image_size (shapes dataset)")
         at_least(data.num_train, 1, "data.num_train", "images to generate")
-    if data.name == "cifar10" and data.image_size != 32:
+    cifar10 = data.name == "tfds" and data.tfds_name.split(":")[0] == "cifar10"
+    if cifar10 and data.image_size != 32:
         raise ConfigError(f"data.image_size={data.image_size}: CIFAR-10 images are 32x32; set 32")
 
 

@@ -108,7 +108,8 @@ def test_validate_can_reject():
 def test_ddpm_cifar10_is_the_papers_recipe():
     config = _get_config("ddpm_cifar10")
     assert config.stage == "ddpm"
-    assert (config.data.name, config.data.image_size, config.data.random_flip) == ("cifar10", 32, True)
+    assert (config.data.name, config.data.tfds_name, config.data.image_size,
+            config.data.random_flip) == ("tfds", "cifar10", 32, True)
     assert tuple(config.model.label_keys) == ()  # unconditional
 
     # U-Net: ch 128, mult (1, 2, 2, 2), 2 res blocks, self-attention at 16x16, dropout 0.1.

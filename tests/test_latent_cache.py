@@ -103,3 +103,38 @@ def test_cached_text_context_of_a_frozen_encoder_trains_the_same(parts, shapes_d
     b = train(tiny_ldm_config(shapes_data_dir, first_stage_dir, **fields,
                               **{"data.name": "latents", "data.path": out}), str(tmp_path / "b"))
     np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=2e-5)
+
+
+def test_a_float16_cache_is_half_the_size_and_trains_the_same(cache_dir, shapes_data_dir,
+                                                              first_stage_dir, tmp_path):  # noqa: F811
+    import grain
+
+    from ldm_jax.stages.latent_cache import write_cache
+    with pytest.raises(ConfigError, match="--dtype='bfloat16' is not one of"):
+        write_cache(tiny_ldm_config(shapes_data_dir, first_stage_dir), str(tmp_path / "x"),
+                    dtype="bfloat16")
+    half = str(tmp_path / "half")
+    meta = write_cache(tiny_ldm_config(shapes_data_dir, first_stage_dir), half, ("train",),
+                       log=lambda line: None, dtype="float16")
+    assert meta["dtype"] == "float16"
+
+    def stored(path):  # the raw records' sizes
+        return [len(r) for r in grain.sources.ArrayRecordDataSource(
+            [os.path.join(path, "train.array_record")])]
+    ratio = sum(stored(half)) / sum(stored(cache_dir))
+    assert 0.45 < ratio < 0.6, ratio  # latents 16x16x8: 8 KB -> 4 KB, plus labels and caption
+
+    def data(path, **fields):
+        return tiny_ldm_config(shapes_data_dir, first_stage_dir, **fields,
+                               **{"data.name": "latents", "data.path": path})
+    full_source = pipeline.load_source(data(cache_dir).data, square=False)
+    half_source = pipeline.load_source(data(half).data, square=False)
+    for i in (0, 63):
+        a, b = full_source[i]["latents"], half_source[i]["latents"]
+        assert b.dtype == np.float32 and b.shape == a.shape
+        assert not np.array_equal(a, b)  # really rounded, not the float32 values
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
+    one = {"training.num_steps": 1, "training.log_every": 1, "training.checkpoint_every": 1}
+    a = train(data(cache_dir, **one), str(tmp_path / "full"))[0]["loss"]
+    b = train(data(half, **one), str(tmp_path / "half_run"))[0]["loss"]
+    np.testing.assert_allclose(b, a, rtol=1e-3)

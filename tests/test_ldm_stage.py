@@ -378,26 +378,3 @@ def test_class_context_train_step_traces(shapes_data_dir, first_stage_dir):
     config.conditioning.text = True
     with pytest.raises(ConfigError, match="choose one"):
         config_utils.validate(config)
-
-
-def test_tfds_source_crops_resizes_and_names_the_label(shapes_data_dir):
-    from ldm_jax.data import pipeline, tfds_source
-    from ldm_jax.data.shapes_tfds import config_name
-    from conftest import tiny_config
-    config = tiny_config(shapes_data_dir)
-    data = config.data
-    data.name, data.image_size = "tfds", 16
-    data.tfds_name = f"ldm_jax_shapes/{config_name(32, 64, 2000, 0)}"
-    data.label_key, data.num_classes = "shape_0", 5
-    source = pipeline.load_source(data, split="train")
-    record = source[3]
-    assert len(source) == 64 and record["image"].shape == (16, 16, 3)
-    assert 0 <= record["label"] < 5 and pipeline.label_sizes(data) == {"label": 5}
-    # non-square grayscale: centre square, resized, made RGB
-    gray = np.zeros((40, 20), np.uint8)
-    gray[10:30] = 200
-    out = tfds_source.center_crop_resize(gray, 10)
-    assert out.shape == (10, 10, 3) and out.min() == 200
-    data.tfds_name = "no_such_dataset"
-    with pytest.raises(FileNotFoundError, match="tfds build no_such_dataset"):
-        pipeline.load_source(data, split="train")

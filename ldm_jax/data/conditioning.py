@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ldm_jax.config_checks import ConfigError
-from ldm_jax.data import pipeline
+from ldm_jax.data import pipeline, tfds_source
 
 
 def sampling_labels(config, num: int, split: str = "train", caption: str | None = None,
@@ -36,28 +36,31 @@ def sampling_labels(config, num: int, split: str = "train", caption: str | None 
         source = pipeline.load_source(config.data, split=split)
     records = [source[i % len(source)] for i in range(num)]
     labels = np.stack([pipeline.stack_labels(r, keys) for r in records])
-    captions = [r["caption"].decode() if "caption" in r
+    captions = [_text(r["caption"]) if "caption" in r
                 else ", ".join(f"{k}={v}" for k, v in zip(keys, row))
                 for r, row in zip(records, labels)]
     return labels, captions
 
 
+def _text(caption) -> str:
+    return caption.decode() if isinstance(caption, bytes) else str(caption)
+
+
 def value_names(data, key: str):
     """The names of a label's values (index -> name), or None where the values are numbers.
     `data` is the config's data section (a folder's class names are kept in it)."""
-    data_name = data.name
-    if data_name == "folder" and key == "label" and data.class_names:
+    data = tfds_source.resolve(data)
+    if data.name == "folder" and key == "label" and data.class_names:
         return tuple(data.class_names)
-    if data_name == "shapes":
+    if data.name == "tfds" and key == "label" and data.label_key:  # a ClassLabel's names
+        return tfds_source.class_names(data, pipeline.default_data_dir(data.data_dir))
+    if data.name == "shapes":
         from ldm_jax.data import shapes
         for prefix, names in (("color", shapes.COLORS), ("shape", shapes.SHAPES),
                               ("size", shapes.SIZES), ("position", shapes.POSITIONS),
                               ("background", shapes.BACKGROUNDS)):
             if key.startswith(prefix):
                 return names
-    if data_name == "cifar10" and key == "label":
-        return ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                "ship", "truck")
     return None
 
 

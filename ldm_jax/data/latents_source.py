@@ -3,9 +3,11 @@
 
 DIR/meta.json says which first stage (workdir, checkpoint step, scale) and which frozen text
 encoder made it; DIR/{train,validation}.array_record hold one msgpack record per example:
-"latents" (the first stage's posterior moments or VQ latents, float32), the dataset's labels,
+"latents" (the first stage's posterior moments or VQ latents), the dataset's labels,
 "caption", and with a frozen text encoder "ids", "mask" and "context" (its hidden states).
-msgpack holds plain arrays and strings only: reading it runs no code.
+Latents and contexts are stored as meta["dtype"] (float32, or float16 for half the disk) and
+always read back as float32. msgpack holds plain arrays and strings only: reading it runs no
+code.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 
 import flax.serialization
+import numpy as np
 
 from ldm_jax.config_checks import ConfigError
 
@@ -44,11 +47,16 @@ class LatentsSource:
         return len(self._records)
 
     def __getitem__(self, index):
-        return flax.serialization.msgpack_restore(self._records[index])
+        record = flax.serialization.msgpack_restore(self._records[index])
+        for key in ("latents", "context"):  # a float16 cache: training sees float32 anyway
+            if key in record and record[key].dtype != np.float32:
+                record[key] = record[key].astype(np.float32)
+        return record
 
     def describe(self) -> str:
         fs = self.meta["first_stage"]
         return (f"latent cache {self.path} ({self.split}): {len(self)} examples, latents "
-                f"{'x'.join(map(str, self.meta['latent_shape']))} from {fs['workdir']} (step "
+                f"{'x'.join(map(str, self.meta['latent_shape']))} "
+                f"{self.meta.get('dtype', 'float32')} from {fs['workdir']} (step "
                 f"{fs['step']})" + (", text context cached" if self.meta.get("text_encoder")
                                     else ""))

@@ -12,7 +12,7 @@ import os
 import grain
 import numpy as np
 
-from ldm_jax.data import image_files
+from ldm_jax.data import image_files, tfds_source
 
 _IMAGE_KEY = "image"
 # What a latent cache record carries instead of the image (data/latents_source.py).
@@ -58,6 +58,7 @@ def load_source(data_config, split: str = "train", prepare: bool = True, square:
 
 
 def _load_source(data_config, split: str, prepare: bool):
+    data_config = tfds_source.resolve(data_config)
     data_dir = default_data_dir(data_config.data_dir)
     if data_config.name == "shapes":
         from ldm_jax.data import shapes_tfds
@@ -65,17 +66,7 @@ def _load_source(data_config, split: str, prepare: bool):
         if prepare:
             shapes_tfds.prepare_shapes(data_dir, **kwargs)
         return shapes_tfds.shapes_data_source(data_dir, split=split, **kwargs)
-    if data_config.name == "cifar10":
-        import tensorflow_datasets as tfds
-        try:
-            return tfds.data_source("cifar10", split=split, data_dir=data_dir, download=False)
-        except Exception as e:  # tfds raises several types for "not prepared" / wrong format
-            raise FileNotFoundError(
-                f"CIFAR-10 is not prepared in array_record format under {data_dir!r} ({type(e).__name__}); "
-                "run `tfds build cifar10 --file_format=array_record --data_dir=DIR` once and pass "
-                "--config.data.data_dir=DIR") from None
     if data_config.name == "tfds":
-        from ldm_jax.data import tfds_source
         return tfds_source.load(data_config, split, data_dir)
     if data_config.name == "folder":
         from ldm_jax.data.folder_source import FolderSource
@@ -101,21 +92,26 @@ def has_captions(data_config, source) -> bool:
 
 def split_name(data_config, split: str) -> str:
     """The dataset's own name for `split`: 'validation' is the held-out split, which the
-    shapes dataset and CIFAR-10 call 'test'."""
-    return "test" if split == "validation" and data_config.name in ("shapes", "cifar10") else split
+    shapes dataset calls 'test' and a tfds dataset without a 'validation' split too."""
+    data_config = tfds_source.resolve(data_config)
+    if split != "validation":
+        return split
+    if data_config.name == "shapes":
+        return "test"
+    if data_config.name == "tfds":
+        return tfds_source.held_out_split(data_config, default_data_dir(data_config.data_dir))
+    return split
 
 
 def label_sizes(data_config) -> dict:
     """Label name -> number of values, for the labels `data_config.name` provides."""
+    data_config = tfds_source.resolve(data_config)
     if data_config.name == "shapes":
         from ldm_jax.data import shapes
         return dict(shapes.LABEL_SIZES)
-    if data_config.name == "cifar10":
-        return {"label": 10}
     if data_config.name == "tfds":
         if not data_config.label_key:
             return {}
-        from ldm_jax.data import tfds_source
         return {"label": tfds_source.num_classes(data_config,
                                                  default_data_dir(data_config.data_dir))}
     if data_config.name == "folder":  # class sub-folders, or a manifest's label column

@@ -3,10 +3,15 @@ frozen text encoder's hidden states) for every example, so training reads them i
 decoding and encoding images at every step (`config.data.name = "latents"`).
 
 python -m ldm_jax.data.cache --config=configs/ldm_kl8.py --out=DIR [--first_stage=WORKDIR]
-    [--splits=train,validation] [--config.a.b=v ...]
+    [--splits=train,validation] [--dtype=float32|float16] [--config.a.b=v ...]
 The cache stores the KL posterior's moments, not one sample of it: training draws the sample
 with the same key on-the-fly encoding would use, so the losses are the same. Images are centre
 cropped and not flipped (a flip is decided per step, after encoding).
+
+--dtype=float16 stores the latents and text contexts at half the bytes: for SD-size text
+contexts (77x768 per caption, 236 KB in float32) those dominate the cache's disk and read
+traffic. Reading casts them back to float32, so training code is the same either way; the
+values differ from the float32 cache by float16 rounding (relative 2^-11).
 """
 from __future__ import annotations
 
@@ -25,25 +30,41 @@ from ldm_jax.stages import first_stage as first_stage_lib
 from ldm_jax.stages import ldm_text
 
 
-def _record(record, keys, latents, text=None) -> bytes:
-    out = {"latents": np.asarray(latents, np.float32)}
+# --dtype -> the numpy type latents and text contexts are stored as.
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _stored(values, dtype, what: str) -> np.ndarray:
+    out = np.asarray(values, dtype)
+    if not np.isfinite(out).all():  # float16 overflows above 65504
+        raise ConfigError(f"the {what} overflow {np.dtype(dtype).name}; write the cache with "
+                          "--dtype=float32")
+    return out
+
+
+def _record(record, keys, latents, text=None, dtype=np.float32) -> bytes:
+    out = {"latents": _stored(latents, dtype, "latents")}
     for k in keys:
         out[k] = int(record[k])
     if "caption" in record:
         c = record["caption"]
         out["caption"] = c.decode() if isinstance(c, bytes) else str(c)
     if text is not None:
-        out.update(text)
+        out.update(text, context=_stored(text["context"], dtype, "text contexts"))
     return flax.serialization.msgpack_serialize(out)
 
 
 def write_cache(config, out: str, splits=("train", "validation"), batch: int = 32,
-                log=print) -> dict:
+                log=print, dtype: str = "float32") -> dict:
     """Encode `splits` of config.data with config.first_stage (and text_encoder.pretrained
-    when the config names one); returns the meta written to OUT/meta.json."""
+    when the config names one), storing latents and contexts as `dtype` (float32 or float16,
+    half the disk); returns the meta written to OUT/meta.json."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from ldm_jax import parallel
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r} is not one of {list(DTYPES)}; float16 halves "
+                          "the cache, float32 keeps it exact")
     if config.stage != "ldm":
         raise ConfigError(f"--config is a {config.stage!r} config; the cache encodes a "
                           "latent-diffusion run's data (stage 'ldm')")
@@ -79,13 +100,14 @@ def write_cache(config, out: str, splits=("train", "validation"), batch: int = 3
                 texts = [{"ids": ids[j], "mask": mask[j], "context": context[j]}
                          for j in range(len(records))]
             for r, z, text in zip(records, latents, texts):
-                writer.write(_record(r, keys, z, text))
+                writer.write(_record(r, keys, z, text, DTYPES[dtype]))
             shape, has_captions = list(latents.shape[1:]), "caption" in records[0]
         writer.close()
         log(f"{split}: {len(source)} examples encoded in {time.time() - start:.1f}s")
     meta = {"first_stage": first.record(), "latent_shape": shape,
             "image_size": config.data.image_size, "data": config.data.to_dict(),
             "label_sizes": label_sizes, "has_captions": has_captions, "splits": list(splits),
+            "dtype": dtype,
             "text_encoder": (os.path.abspath(config.text_encoder.pretrained)
                              if text_fn is not None else "")}
     with open(os.path.join(out, META_FILE), "w") as f:
@@ -103,6 +125,8 @@ def main(argv=None):
     first = flags.DEFINE_string("first_stage", None, "The first stage's workdir (default: the "
                                 "config's first_stage.workdir).")
     splits = flags.DEFINE_list("splits", ["train", "validation"], "Splits to encode.")
+    dtype = flags.DEFINE_string("dtype", "float32", "float32 | float16: how latents and text "
+                                "contexts are stored (float16: half the disk; read as float32).")
 
     def run(argv):
         if config.value is None or not out.value:
@@ -111,7 +135,7 @@ def main(argv=None):
         if first.value:
             c.first_stage.workdir = first.value
         with cli.readable_errors():
-            write_cache(c, out.value, tuple(splits.value))
+            write_cache(c, out.value, tuple(splits.value), dtype=dtype.value)
             print(f"wrote {out.value}; train on it with --config.data.name=latents "
                   f"--config.data.path={out.value}")
     cli.use_fast_cpu_flags()
