@@ -20,12 +20,14 @@ import optax
 
 from configs import sd_v1
 from ldm_jax.diffusion import guidance, samplers, schedules
+from ldm_jax.models import attention_impl, remat
 from ldm_jax.models.unet import UNet, count_params
 
 CONTEXT_LEN = 77
 
 
-REMAT = False  # --remat: recompute residual blocks in the backward pass (less memory)
+REMAT = "none"  # --remat: model.remat's policy text, e.g. res=full (less memory)
+ATTENTION = "auto"  # --attention: model.attention (auto | xla | cudnn | chunked)
 
 
 def build_unet(dtype) -> UNet:
@@ -36,7 +38,8 @@ def build_unet(dtype) -> UNet:
                 num_heads=m.num_heads, norm_eps=1e-5, downsample_padding=1, in_channels=4,
                 out_channels=4, freq_shift=0.0, flip_sin_to_cos=True,
                 context_dim=c.text_encoder.width, transformer_depth=m.transformer_depth,
-                use_linear_projection=m.use_linear_projection, remat=REMAT, dtype=dtype)
+                use_linear_projection=m.use_linear_projection, remat=REMAT,
+                attention=ATTENTION, dtype=dtype)
 
 
 def _schedule(config):
@@ -144,7 +147,8 @@ def training(params, size: int, batch: int, repeats: int, peak_tflops: float | N
     jax.block_until_ready(loss)
     seconds = (time.perf_counter() - start) / repeats
     out = {"what": f"bf16 train step, batch {batch}, {size}x{size} latents"
-                   + (", remat" if REMAT else ""),
+                   + (f", remat {REMAT}" if REMAT != "none" else "")
+                   + (f", attention {ATTENTION}" if ATTENTION != "auto" else ""),
            "compile_s": round(compile_s, 1), "seconds": round(seconds, 3),
            "images_per_s": round(batch / seconds, 2), "loss": round(float(loss), 4),
            "peak_gib": round(peak_bytes() / 2 ** 30, 2)}
@@ -164,11 +168,15 @@ def main():
     p.add_argument("--train_size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense bf16 peak")
-    p.add_argument("--remat", action="store_true", help="model.remat in the training step")
+    p.add_argument("--remat", default="none", help="model.remat in the training step: none | "
+                   "full | save_dots, or per block type, e.g. res=full,transformer=save_dots")
+    p.add_argument("--attention", default="auto", choices=attention_impl.IMPLEMENTATIONS,
+                   help="model.attention: the attention kernel")
     p.add_argument("--skip_sampling", action="store_true")
     args = p.parse_args()
-    global REMAT
-    REMAT = args.remat
+    global REMAT, ATTENTION
+    REMAT, ATTENTION = args.remat, args.attention
+    remat.parse(REMAT)  # a typo fails here, not after the sampling run
     print(json.dumps({"devices": [str(d) for d in jax.devices()]}), flush=True)
     init = init_fn()
     start = time.perf_counter()

@@ -6,7 +6,7 @@ rate of 4.5e-6 that main.py multiplies by batch size x accumulation x GPUs.
 """
 import ml_collections
 
-from configs import data_sources, eval_base
+from configs import data_sources, eval_base, parallel_fields
 
 
 def get_config():
@@ -98,6 +98,7 @@ def get_config():
         num_images=256,
     )
     config.eval = eval_base.eval_section(("psnr", "ssim", "fid"))
+    config.parallel = parallel_fields.parallel_section()
     config.eval.reference_split = "validation"  # the split reconstructed
     return config
 

@@ -1,7 +1,7 @@
 """Fields shared by every pixel-space DDPM config; experiment configs start from this one."""
 import ml_collections
 
-from configs import data_sources, eval_base
+from configs import data_sources, eval_base, parallel_fields
 
 
 def get_config():
@@ -32,7 +32,8 @@ def get_config():
         head_dim=0,             # >0: heads = channels // head_dim (overrides num_heads)
         dropout=0.1,
         norm_groups=32,
-        remat=False,
+        remat="none",           # none | full | save_dots, or per block: res=full,transformer=none
+        attention="auto",       # auto | xla | cudnn | chunked (attention kernel)
         label_keys=(),          # dataset labels the U-Net is conditioned on; () = unconditional
     )
     config.diffusion = dict(
@@ -91,5 +92,6 @@ def get_config():
                                 # set_alpha_to_one); False: on alpha_bar[0], as CompVis and SD do
     )
     config.eval = eval_base.eval_section(("fid",))
+    config.parallel = parallel_fields.parallel_section()
     return config
 

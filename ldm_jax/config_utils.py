@@ -85,4 +85,9 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A stored config dict with the fields added since it was written set to their stage's
     defaults, which keep the old behaviour (workdirs from before `stage` existed are DDPM)."""
     defaults = stage_module(saved.get("stage", "ddpm")).default_config()
-    return ml_collections.ConfigDict(_merge(defaults.to_dict(), saved))
+    merged = _merge(defaults.to_dict(), saved)
+    model = merged.get("model")
+    if isinstance(model, dict) and isinstance(model.get("remat"), bool):
+        from ldm_jax.models.remat import from_legacy  # model.remat was a bool before policies
+        model["remat"] = from_legacy(model["remat"])
+    return ml_collections.ConfigDict(merged)

@@ -1,8 +1,9 @@
-"""Devices of all processes as one Mesh; batch sharding; multi-host start-up.
+"""Devices of all processes as one Mesh; batch and state shardings; multi-host start-up.
 
-The train step is one `jax.jit` program over the global mesh. The batch is split along the
-`data` axis; parameters and optimiser state are replicated (an `fsdp` axis can be added to the
-mesh and to `state_sharding` for models too large to replicate).
+The train step is one `jax.jit` program over the global mesh, whose axes are `data` and `fsdp`
+(config.parallel). The batch is split over both axes; each train-state leaf is split over `fsdp`
+by the rules in sharding_rules.py (fsdp.py) and replicated along `data`. With fsdp=1 (the
+default) every device holds the whole state: plain data parallelism.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+# The batch's leading axis is split over every device of the mesh, data-major.
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 # A process that stops sending heartbeats for this long (killed, lost host) makes the
 # coordination service terminate every other process, instead of leaving them at a barrier.
 DEFAULT_HEARTBEAT_TIMEOUT_S = 45
@@ -46,14 +50,38 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D data-parallel mesh over every device of every process, grouped by process.
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
+    """(data, fsdp) sizes over `num_devices`; one of them may be -1 (the rest)."""
+    from ldm_jax.config_checks import ConfigError
+    if data == -1 and fsdp == -1:
+        raise ConfigError("parallel.data and parallel.fsdp cannot both be -1; set one of them")
+    for name, value in (("data", data), ("fsdp", fsdp)):
+        if value == 0 or value < -1:
+            raise ConfigError(f"parallel.{name}={value} must be a positive device count or -1")
+    known = fsdp if data == -1 else data
+    if num_devices % known:
+        raise ConfigError(f"parallel.data={data} x parallel.fsdp={fsdp} does not divide the "
+                          f"{num_devices} devices; choose sizes whose product is {num_devices}")
+    data = num_devices // fsdp if data == -1 else data
+    fsdp = num_devices // data if fsdp == -1 else fsdp
+    if data * fsdp != num_devices:
+        raise ConfigError(f"parallel.data={data} x parallel.fsdp={fsdp} is {data * fsdp} "
+                          f"devices, but there are {num_devices}; use -1 for one of them")
+    return data, fsdp
 
-    Grouping by process keeps each process's devices contiguous along `data`, so the rows a
-    process feeds land on its own devices.
+
+def make_mesh(devices=None, parallel=None) -> Mesh:
+    """A (data, fsdp) mesh over every device of every process, grouped by process; the shape
+    comes from `parallel` (config.parallel), default all devices on `data`.
+
+    Devices are sorted by process, so each process's devices are contiguous in the mesh's
+    row-major order: the batch rows a process feeds land on its own devices, and an fsdp group
+    no larger than a host's devices stays inside that host.
     """
     devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    data, fsdp = (-1, 1) if parallel is None else (parallel.data, parallel.fsdp)
+    shape = mesh_shape(len(devices), data, fsdp)
+    return Mesh(np.asarray(devices).reshape(shape), (DATA_AXIS, FSDP_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -61,12 +89,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def state_sharding(mesh: Mesh, abstract_state):
-    """Sharding for every leaf of the train state: replicated for data parallelism."""
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_state)
+def state_sharding(mesh: Mesh, abstract_state, parallel=None):
+    """Sharding for every leaf of the train state: split over `fsdp` by the rules, replicated
+    along `data` (all replicated when the fsdp axis has one device)."""
+    from ldm_jax import fsdp
+    min_size = 0 if parallel is None else parallel.fsdp_min_size
+    return fsdp.state_shardings(mesh, abstract_state, min_size)
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.diffusion import guidance, samplers
-from ldm_jax.parallel import DATA_AXIS
+from ldm_jax.parallel import BATCH_AXES
 
 
 def make_sample_fn(model, schedule, sampling_config, parameterization: str, shape: tuple,
@@ -29,7 +29,7 @@ def make_sample_fn(model, schedule, sampling_config, parameterization: str, shap
 
     def apply(params, x, t, labels):
         if spread:
-            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXIS)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
         return model.apply({"params": params}, x, t, labels=labels, train=False)
 
     def model_fn(params, x, t, labels, scale):

@@ -95,17 +95,19 @@ class ResBlock(nn.Module):
 class SelfAttentionBlock(nn.Module):
     """Spatial multi-head self-attention with a residual connection.
 
-    Uses `jax.nn.dot_product_attention`, which dispatches to a fused kernel where the backend
-    has one. Cross-attention (text conditioning) will sit beside this block as its own module.
+    Attention runs through `transformer.attention`, so `attention` picks its kernel as in
+    the cross-attention blocks (attention_impl.IMPLEMENTATIONS).
     """
     num_heads: int = 1
     head_dim: int | None = None  # when set, overrides num_heads = channels // head_dim
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
     norm_eps: float = 1e-5
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x):
+        from ldm_jax.models.transformer import attention  # imported here: it imports this module
         b, hgt, wid, c = x.shape
         heads = c // self.head_dim if self.head_dim else self.num_heads
         if c % heads:
@@ -115,7 +117,7 @@ class SelfAttentionBlock(nn.Module):
         qkv = nn.DenseGeneral((3, heads, c // heads), dtype=self.dtype, kernel_init=lecun_normal,
                               name="qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = attention(q, k, v, implementation=self.attention)
         out = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, name="proj_out",
                               kernel_init=nn.initializers.zeros)(out)
         return x.astype(self.dtype) + out.reshape(b, hgt, wid, c)

@@ -1,10 +1,11 @@
 """The latent-diffusion spatial transformer: self-attention, cross-attention to a context
 (text embeddings), and a GEGLU feed-forward over the pixels of an NHWC feature map.
 
-Attention goes through `jax.nn.dot_product_attention` (a fused kernel where the backend has
-one) except on the CPU, where `chunked_attention` computes the same function query block by
-query block and recomputes the softmax in the backward pass instead of keeping it. Layer norms
-and the group norm compute their statistics in float32.
+Attention runs the implementation `attention_impl.choose` picks (or the one asked for):
+`jax.nn.dot_product_attention` with XLA's or cuDNN's kernel, or, by default on the CPU,
+`chunked_attention`, which computes the same function query block by query block and
+recomputes the softmax in the backward pass instead of keeping it. Layer norms and the group
+norm compute their statistics in float32.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import attention_impl
 from ldm_jax.models.initializers import lecun_normal
 from ldm_jax.models.layers import GroupNorm
 
@@ -29,15 +31,16 @@ Dtype = Any
 _SCORE_BLOCK_ELEMENTS = 2 ** 19
 
 
-def attention(q, k, v, mask=None):
+def attention(q, k, v, mask=None, implementation: str = "auto"):
     """Multi-head attention of q (B, T, N, H) to k, v (B, S, N, H) with an optional key mask
-    (B, S) (True = attend); scale 1/sqrt(H). The CPU gets `chunked_attention`, other backends
-    `jax.nn.dot_product_attention`."""
-    if jax.default_backend() == "cpu":
+    (B, S) (True = attend); scale 1/sqrt(H). `implementation` is one of
+    attention_impl.IMPLEMENTATIONS; "auto" lets the platform, dtype and shapes choose."""
+    impl = attention_impl.choose(q.dtype, q.shape[-1], mask is not None, implementation)
+    if impl == "chunked":
         return chunked_attention(q, k, v, mask)
     if mask is not None:  # key padding mask (B, S) -> (B, heads, T, S) by broadcasting
         mask = mask.astype(bool)[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def chunked_attention(q, k, v, mask=None, block=None):
@@ -142,6 +145,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"  # attention_impl.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, context=None, mask=None):
@@ -149,7 +153,7 @@ class Attention(nn.Module):
         proj = lambda name: nn.DenseGeneral((self.heads, self.head_dim), use_bias=False,
                                             dtype=self.dtype, kernel_init=lecun_normal, name=name)
         q, k, v = proj("to_q")(x), proj("to_k")(kv), proj("to_v")(kv)
-        out = attention(q, k, v, mask)  # scale 1/sqrt(head_dim)
+        out = attention(q, k, v, mask, self.implementation)  # scale 1/sqrt(head_dim)
         return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), dtype=self.dtype,
                                kernel_init=lecun_normal, name="to_out")(out)
 
@@ -172,11 +176,13 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # attention_impl.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, context=None, context_mask=None):
         norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
-        attn = lambda name: Attention(self.heads, self.head_dim, self.dtype, name=name)
+        attn = lambda name: Attention(self.heads, self.head_dim, self.dtype, self.attention,
+                                      name=name)
         x = x + attn("attn1")(norm("norm1")(x))
         # Without a context, the second attention is self-attention again (mask is for context).
         x = x + attn("attn2")(norm("norm2")(x), context,
@@ -193,6 +199,7 @@ class SpatialTransformer(nn.Module):
     norm_groups: int = 32
     use_linear_projection: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # attention_impl.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, context=None, context_mask=None):
@@ -209,7 +216,7 @@ class SpatialTransformer(nn.Module):
         # A 1x1 conv and a Dense are the same map on NHWC; only the parameter shape differs.
         h = proj(inner, "proj_in")(h).reshape(b, hgt * wid, inner)
         for j in range(self.depth):
-            h = BasicTransformerBlock(self.heads, self.head_dim, self.dtype,
+            h = BasicTransformerBlock(self.heads, self.head_dim, self.dtype, self.attention,
                                       name=f"block{j}")(h, context, context_mask)
         # Zero-initialised output: each transformer starts as the identity, as in LDM.
         h = proj(c, "proj_out", zero_init=True)(h.reshape(b, hgt, wid, inner))

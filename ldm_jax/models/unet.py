@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models import remat
 from ldm_jax.models.initializers import lecun_normal
 from ldm_jax.models.label_embedding import LabelEmbedding, VectorEmbedding
 from ldm_jax.models.layers import (Downsample, GroupNorm, ResBlock, SelfAttentionBlock,
@@ -52,7 +53,10 @@ class UNet(nn.Module):
     context_dim: int | None = None
     transformer_depth: PerLevel = 1
     use_linear_projection: bool = False
-    remat: bool = False  # recompute residual blocks in the backward pass to save memory
+    # Recomputation in the backward pass, per block type (models/remat.py): "none", "full",
+    # "save_dots", or e.g. "res=full,transformer=save_dots"; a bool is an old config's value.
+    remat: str | bool = "none"
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn | chunked (attention_impl)
     label_sizes: Sequence[int] = ()  # values per conditioning label; () = unconditional
     vector_dim: int | None = None  # width of a conditioning vector added to the time embedding
     dtype: Any = jnp.float32
@@ -82,7 +86,10 @@ class UNet(nn.Module):
         check_input_size(x.shape[1], self.channel_mult,
                          self.attention_resolutions if self.attention_levels is None else ())
         out_ch = self.out_channels or x.shape[-1]
-        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
+        policy = remat.parse(self.remat)
+        res_cls = remat.wrap(ResBlock, policy["res"], static_argnums=(3,))  # (self, x, temb, train)
+        self_attn_cls = remat.wrap(SelfAttentionBlock, policy["transformer"])
+        transformer_cls = remat.wrap(SpatialTransformer, policy["transformer"])
         block = lambda ch, name: res_cls(ch, self.dropout, self.norm_groups, self.dtype,
                                          self.norm_eps, name=name)
         heads, head_dim = per_level(self.num_heads, levels), per_level(self.head_dim, levels)
@@ -90,15 +97,15 @@ class UNet(nn.Module):
 
         def attn(level, name, h):
             if self.context_dim is None:
-                return SelfAttentionBlock(heads[level], head_dim[level], self.norm_groups,
-                                          self.dtype, self.norm_eps, name=name)(h)
+                return self_attn_cls(heads[level], head_dim[level], self.norm_groups,
+                                     self.dtype, self.norm_eps, self.attention, name=name)(h)
             ch = h.shape[-1]
             n = ch // head_dim[level] if head_dim[level] else heads[level]
             if ch % n:
                 raise ValueError(f"attention: {ch} channels cannot be split into {n} heads")
-            return SpatialTransformer(n, ch // n, depth[level], self.norm_groups,
-                                      self.use_linear_projection, self.dtype,
-                                      name=name)(h, context, context_mask)
+            return transformer_cls(n, ch // n, depth[level], self.norm_groups,
+                                   self.use_linear_projection, self.dtype, self.attention,
+                                   name=name)(h, context, context_mask)
 
         def has_attn(level, resolution):
             if self.attention_levels is not None:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ldm_jax.diffusion import guidance, samplers
 from ldm_jax.models import concat_inputs
-from ldm_jax.parallel import DATA_AXIS
+from ldm_jax.parallel import BATCH_AXES
 
 TASKS = ("generate", "img2img", "inpaint")
 
@@ -64,7 +64,7 @@ def make_latent_sampler(model, first, schedule, config, num: int, mesh=None,
             if guided:
                 x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
             if spread:
-                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXIS)))
+                x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(BATCH_AXES)))
             out = model.apply(params, x, t, both, context=ctx)
             if not guided:
                 return out

@@ -40,6 +40,7 @@ def validate(config) -> None:
             raise ConfigError(f"model.base_channels * {ch_mult} is not divisible by "
                               f"model.norm_groups={config.model.norm_groups}")
     _check_attention_heads(config.model, config.data.image_size)
+    check_kernels(config.model)
     _check_labels(config)
     check_diffusion(config.diffusion)
     check_sampling(config.sampling, config.diffusion.num_timesteps)
@@ -68,6 +69,16 @@ def check_sampling(s, num_timesteps) -> None:
     if not 0.0 <= s.eta <= 1.0:
         raise ConfigError(f"sampling.eta={s.eta} must be in [0, 1] (0: deterministic DDIM, "
                           "1: as noisy as DDPM)")
+
+
+def check_kernels(m) -> None:
+    """model.attention and model.remat, read by the U-Net only when it is traced."""
+    from ldm_jax.models import attention_impl, remat
+    one_of(m.attention, attention_impl.IMPLEMENTATIONS, "model.attention")
+    try:
+        remat.parse(m.remat)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_attention_heads(m, image_size) -> None:

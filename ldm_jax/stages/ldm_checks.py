@@ -8,7 +8,8 @@ from __future__ import annotations
 from ldm_jax.config_checks import ConfigError, at_least, check_data, check_training, one_of
 from ldm_jax.evaluation.eval_checks import check_eval_config
 from ldm_jax.models.concat_inputs import CONCAT_KINDS, LOWRES_FACTOR
-from ldm_jax.stages.ddpm_checks import check_diffusion, check_label_keys, check_sampling
+from ldm_jax.stages.ddpm_checks import (check_diffusion, check_kernels, check_label_keys,
+                                         check_sampling)
 
 
 def validate(config) -> None:
@@ -33,6 +34,7 @@ def validate(config) -> None:
     one_of(config.first_stage.posterior, ("sample", "mode"), "first_stage.posterior")
     _check_conditioning(config)
     _check_model(config.model)
+    check_kernels(config.model)
     check_training(config)
 
 

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ldm_jax.diffusion import guidance, objectives, schedules
 from ldm_jax.models.initializers import init_from_one_draw
 from ldm_jax.models.unet import UNet
-from ldm_jax.parallel import DATA_AXIS
+from ldm_jax.parallel import BATCH_AXES
 from ldm_jax.training.train_state import TrainState, ema_update
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,7 +23,8 @@ def build_model(config, compute_dtype: str | None = None) -> UNet:
     return UNet(base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
                 num_res_blocks=m.num_res_blocks, attention_resolutions=tuple(m.attention_resolutions),
                 num_heads=m.num_heads, head_dim=m.head_dim or None, dropout=m.dropout,
-                norm_groups=m.norm_groups, remat=m.remat, label_sizes=label_sizes(config),
+                norm_groups=m.norm_groups, remat=m.remat, attention=m.attention,
+                label_sizes=label_sizes(config),
                 dtype=_DTYPES[compute_dtype or config.training.compute_dtype])
 
 
@@ -99,7 +100,7 @@ def make_train_step(config, model, schedule, tx: optax.GradientTransformation, l
         if labels is not None:
             micro.append(split(labels))
         if mesh is not None:
-            micro = [jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, DATA_AXIS)))
+            micro = [jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, BATCH_AXES)))
                      for m in micro]
 
         def body(carry, xs):

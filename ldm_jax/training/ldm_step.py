@@ -20,7 +20,7 @@ from ldm_jax.models import concat_inputs
 from ldm_jax.models.initializers import init_from_one_draw
 from ldm_jax.models.label_embedding import DROPPED
 from ldm_jax.models.unet import UNet
-from ldm_jax.parallel import DATA_AXIS
+from ldm_jax.parallel import BATCH_AXES
 from ldm_jax.training.ddpm_stage import build_schedule, label_sizes
 from ldm_jax.training.train_state import TrainState, ema_update
 
@@ -88,7 +88,7 @@ def build_model(config, vocab_size: int | None, latent_channels: int, factor: in
                 freq_shift=0.0, flip_sin_to_cos=True,
                 context_dim=context_dim, transformer_depth=m.transformer_depth,
                 use_linear_projection=m.use_linear_projection, remat=m.remat,
-                label_sizes=labels, dtype=dtype)
+                attention=m.attention, label_sizes=labels, dtype=dtype)
     te = config.text_encoder
     return LatentModel(unet=unet, text_encoder=text, class_embedder=classes,
                        text_output=te.output, text_mask=te.use_mask)
@@ -267,7 +267,7 @@ def _accumulate(grad_fn, params, inputs, dropout_key, accum, mesh):
     micro = jax.tree_util.tree_map(split, inputs)
     if mesh is not None:
         micro = jax.tree_util.tree_map(
-            lambda m: jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, DATA_AXIS))),
+            lambda m: jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(None, BATCH_AXES))),
             micro)
 
     def body(carry, xs):

@@ -98,7 +98,7 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     stage = config_utils.stage_module(config.stage)
     stage.validate(config)
     t = config.training
-    mesh = parallel.make_mesh(devices)
+    mesh = parallel.make_mesh(devices, config.get("parallel"))
     is_main = jax.process_index() == 0
     config_utils.check_batch_divides(t.batch_size, mesh.devices.size, jax.process_count(),
                                      config.optimizer.grad_accum_steps)
@@ -114,7 +114,7 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     run = stage.build_run(config, mesh, workdir, source, is_main)
     rng = jax.random.PRNGKey(config.seed)
     abstract = jax.eval_shape(run.init, rng)
-    state_sharding = parallel.state_sharding(mesh, abstract)
+    state_sharding = parallel.state_sharding(mesh, abstract, config.get("parallel"))
     data_iter = pipeline.make_train_iterator(source, config.data, t.batch_size, config.seed,
                                              jax.process_index(), jax.process_count(),
                                              run.label_keys, run.record_fields)

@@ -18,6 +18,8 @@ HARMLESS = (
     "training.progress_bar", "data.num_threads", "data.prefetch", "data.data_dir",
     "sampling.",  # how grids are drawn during training; the weights do not see it
     "eval.",      # what is evaluated during training; the weights do not see it
+    "parallel.",  # the mesh: checkpoints restore onto any mesh shape (sums may round apart)
+    "model.attention", "model.remat",  # kernels and recomputation: the same function, rounded
 )
 NUM_STEPS = "training.num_steps"  # allowed: extends (or ends) the run; the lr schedule is redrawn
 

@@ -1,0 +1,127 @@
+"""Fully sharded data parallelism: the mesh (data, fsdp) from config.parallel, the sharding
+rules, equal training on every mesh shape, and checkpoints that restore across mesh shapes."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import tiny_config
+from ldm_jax import fsdp, parallel
+from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
+from ldm_jax.config_checks import ConfigError
+from ldm_jax.training import ddpm_stage
+from ldm_jax.training.loop import train
+from ldm_jax.training.optimizer import make_optimizer
+
+
+def test_rules_place_each_kind_of_leaf():
+    spec = lambda path, shape, size=4, min_size=0: fsdp.partition_spec(path, shape, size, min_size)
+    assert spec("params/unet/down0_res0/norm1/scale", (512,)) == P()
+    assert spec("params/unet/conv_in/bias", (512,)) == P()
+    # HWIO conv: output channels; when they do not divide, the largest axis that does
+    assert spec("params/unet/conv_in/kernel", (3, 3, 4, 320)) == P(None, None, None, "fsdp")
+    assert spec("params/unet/conv_out/kernel", (3, 3, 320, 6)) == P(None, None, "fsdp", None)
+    assert spec("params/unet/time_dense1/kernel", (320, 1280)) == P(None, "fsdp")
+    # Adam's moments and the EMA follow the parameter's own path
+    assert spec("opt_state/1/0/mu/unet/conv_in/kernel", (3, 3, 4, 320)) == \
+        P(None, None, None, "fsdp")
+    assert spec("ema_params/unet/label_embedding/embedding", (10, 1280)) == P(None, "fsdp")
+    assert spec("params/x/kernel", (3, 5)) == P()                  # nothing divides by 4
+    assert spec("params/x/kernel", (64, 64), min_size=2 ** 16) == P()  # too small to split
+    assert spec("step", ()) == P() and spec("params/x/kernel", (64, 64), size=1) == P()
+
+
+def test_mesh_shapes_and_errors():
+    assert parallel.mesh_shape(8, -1, 4) == (2, 4)
+    assert parallel.mesh_shape(8, 2, -1) == (2, 4)
+    assert parallel.mesh_shape(8, 8, 1) == (8, 1)
+    for data, fsdp_size, match in ((-1, 3, "does not divide"), (2, 2, "is 4 devices"),
+                                   (-1, -1, "cannot both"), (0, 1, "positive")):
+        with pytest.raises(ConfigError, match=match):
+            parallel.mesh_shape(8, data, fsdp_size)
+
+
+def _parallel(fsdp_size, min_size=0):
+    return tiny_config("", **{"parallel.fsdp": fsdp_size, "parallel.fsdp_min_size": min_size}).parallel
+
+
+def _run_steps(config, devices, batches, parallel_config):
+    mesh = parallel.make_mesh(devices, parallel_config)
+    model = ddpm_stage.build_model(config)
+    schedule = ddpm_stage.build_schedule(config)
+    tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
+    init = lambda k: ddpm_stage.init_state(config, model, tx, k)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    sharding = parallel.state_sharding(mesh, abstract, parallel_config)
+    state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(0))
+    step = jax.jit(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
+                   in_shardings=(sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=(sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+    losses = []
+    for b in batches:
+        state, metrics = step(state, parallel.global_batch({"image": b}, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def test_every_mesh_shape_trains_the_same():
+    config = tiny_config("", **{"training.batch_size": 16, "optimizer.grad_accum_steps": 2})
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32) for _ in range(3)]
+    ref_losses, ref = _run_steps(config, jax.devices()[:1], batches, None)
+    ref_leaves = jax.tree_util.tree_leaves(jax.device_get((ref.params, ref.ema_params)))
+    for fsdp_size in (1, 4, 2):  # 8x1, 2x4, 4x2
+        losses, state = _run_steps(config, jax.devices(), batches, _parallel(fsdp_size))
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        leaves = jax.tree_util.tree_leaves(jax.device_get((state.params, state.ema_params)))
+        for a, b in zip(leaves, ref_leaves):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam near 0 magnifies order noise
+        if fsdp_size == 1:
+            continue
+        # Really split: a 3x3x32x32 kernel holds 1/fsdp of its rows on each device, and so do
+        # its EMA and Adam moments; the mesh's data axis holds copies.
+        kernel = state.params["down1_res0"]["conv2"]["kernel"]
+        assert kernel.shape == (3, 3, 32, 32)
+        assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 32, 32 // fsdp_size)}
+        mu = state.opt_state[1][0].mu["down1_res0"]["conv2"]["kernel"]
+        assert {s.data.shape for s in mu.addressable_shards} == {(3, 3, 32, 32 // fsdp_size)}
+        total = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+        per_device = sum(s.data.size for x in jax.tree_util.tree_leaves(state.params)
+                         for s in x.addressable_shards if s.device == jax.devices()[0])
+        assert per_device < total / fsdp_size * 1.1, (per_device, total)
+
+
+def _losses(history):
+    return [(h["step"], h["loss"]) for h in history if "loss" in h]
+
+
+def test_checkpoint_of_one_mesh_resumes_on_another(tmp_path, shapes_data_dir):
+    items = {"training.num_steps": 4, "training.checkpoint_every": 2,
+             "parallel.fsdp": 4, "parallel.fsdp_min_size": 0}
+    sharded = tiny_config(shapes_data_dir, **items)
+    straight = train(sharded, str(tmp_path / "straight"))
+    workdir = str(tmp_path / "moved")
+    first = train(sharded, workdir, stop_at=2)  # 2x4 up to the checkpoint at step 2
+    # the same run as 8x1: the config's mesh fields may change on resume
+    second = train(tiny_config(shapes_data_dir, **{**items, "parallel.fsdp": 1}), workdir)
+    assert [s for s, _ in _losses(second)] == [3, 4]
+    np.testing.assert_allclose([l for _, l in _losses(first) + _losses(second)],
+                               [l for _, l in _losses(straight)], rtol=1e-5)
+
+    # ... and its checkpoint restores on one device with the values it was saved with
+    config = tiny_config(shapes_data_dir, **items)
+    tx, _ = make_optimizer(config.optimizer, config.training.num_steps)
+    abstract = jax.eval_shape(lambda k: ddpm_stage.init_state(
+        config, ddpm_stage.build_model(config), tx, k), jax.random.PRNGKey(0))
+    one = parallel.make_mesh(jax.devices()[:1])
+    for mesh, par in ((one, None), (parallel.make_mesh(None, _parallel(4)), _parallel(4))):
+        ckpt = Checkpointer(workdir, 3, False)
+        state, _ = ckpt.restore(abstract_with_sharding(
+            abstract, parallel.state_sharding(mesh, abstract, par)))
+        ckpt.close()
+        if par is None:
+            single = jax.device_get(state.params)
+        else:
+            for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
+                            jax.tree_util.tree_leaves(single)):
+                np.testing.assert_array_equal(a, b)
