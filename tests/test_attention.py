@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models.transformer import attention, chunked_attention
+from ldm_jax.models.attention_kernels import attention, chunked_attention
 
 
 def _reference(q, k, v, mask):

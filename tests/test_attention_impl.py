@@ -10,7 +10,7 @@ import pytest
 
 from ldm_jax import config_utils
 from ldm_jax.config_checks import ConfigError
-from ldm_jax.models import remat, transformer
+from ldm_jax.models import attention_kernels, remat
 from ldm_jax.models.attention_impl import select_attention
 from ldm_jax.models.layers import SelfAttentionBlock
 from ldm_jax.models.unet import UNet
@@ -67,8 +67,8 @@ def test_explicit_cudnn_on_this_cpu_fails_when_traced_and_bad_names_are_refused(
 
 def test_the_choice_reaches_the_self_attention_block(monkeypatch):
     calls = []
-    blocked = transformer.chunked_attention
-    monkeypatch.setattr(transformer, "chunked_attention",
+    blocked = attention_kernels.chunked_attention
+    monkeypatch.setattr(attention_kernels, "chunked_attention",
                         lambda *a, **k: calls.append(1) or blocked(*a, **k))
     x = jnp.zeros((1, 4, 4, 16))
     for impl, expected in (("xla", 0), ("auto", 1), ("chunked", 1)):  # auto on CPU: chunked
@@ -100,8 +100,8 @@ def test_xla_and_chunked_give_the_same_unet_output(tiny, monkeypatch):
     params, x, t, context = tiny
     mask = jnp.array([[True] * 5, [True, True, True, False, False]])
     calls = []
-    blocked = transformer.chunked_attention
-    monkeypatch.setattr(transformer, "chunked_attention",
+    blocked = attention_kernels.chunked_attention
+    monkeypatch.setattr(attention_kernels, "chunked_attention",
                         lambda *a, **k: calls.append(1) or blocked(*a, **k))
     run = lambda impl, m: UNet(**TINY, attention=impl).apply(
         {"params": params}, x, t, context=context, context_mask=m)

@@ -7,7 +7,7 @@ without the hardware.
            multiple of 8 up to 128 (256 from Hopper on). It takes a key mask only as a bias
            of full (T, S) size, and in training only for even lengths (77 CLIP tokens are
            not), so masked calls are not sent there.
-  chunked  our blocked kernel (transformer.chunked_attention): what the CPU runs best.
+  chunked  our blocked kernel (attention_kernels.chunked_attention): what the CPU runs best.
   auto     chunked on CPU; cudnn where the call fits it; xla otherwise.
 """
 from __future__ import annotations

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.models.attention_kernels import attention
 from ldm_jax.models.initializers import lecun_normal
 
 Dtype = Any
@@ -95,7 +96,7 @@ class ResBlock(nn.Module):
 class SelfAttentionBlock(nn.Module):
     """Spatial multi-head self-attention with a residual connection.
 
-    Attention runs through `transformer.attention`, so `attention` picks its kernel as in
+    Attention runs through `attention_kernels.attention`, so `attention` picks its kernel as in
     the cross-attention blocks (attention_impl.IMPLEMENTATIONS).
     """
     num_heads: int = 1
@@ -107,7 +108,6 @@ class SelfAttentionBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        from ldm_jax.models.transformer import attention  # imported here: it imports this module
         b, hgt, wid, c = x.shape
         heads = c // self.head_dim if self.head_dim else self.num_heads
         if c % heads:
