@@ -9,6 +9,9 @@ A stage is a module named in `config_utils.STAGES` with these functions:
                                               the line it prints
     image_maker(config, mesh, workdir) -> ImageMaker   how evaluation gets images from params
     load_for_evaluation(workdir, config, mesh, step, use_ema) -> (params, step)
+    abstract_run(config, mesh) -> (StageRun, batch, frozen, notes)   optional: the step with
+                                     its global batch and frozen inputs as ShapeDtypeStructs,
+                                     built without data or weights (python -m ldm_jax.memory)
 
 The loop, checkpoints, metrics and multi-host code only ever see a StageRun.
 """

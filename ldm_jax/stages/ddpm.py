@@ -47,6 +47,24 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         evaluate=evaluate, evaluate_every=config.eval.every)
 
 
+def abstract_run(config, mesh):
+    """(StageRun, global batch as ShapeDtypeStructs, frozen inputs, notes): the step without
+    data, for planning memory (ldm_jax/memory_plan.py)."""
+    import jax.numpy as jnp
+    model = ddpm_stage.build_model(config)
+    tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
+    step = ddpm_stage.make_train_step(config, model, ddpm_stage.build_schedule(config), tx,
+                                      lr_fn, mesh)
+    b, s = config.training.batch_size, config.data.image_size
+    batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)}
+    if config.model.label_keys:
+        batch["labels"] = jax.ShapeDtypeStruct((b, len(config.model.label_keys)), jnp.int32)
+    run = StageRun(init=lambda key: ddpm_stage.init_state(config, model, tx, key),
+                   train_step=lambda state, batch, frozen: step(state, batch),
+                   describe=lambda abstract: "")
+    return run, batch, None, []
+
+
 class _GridWriter:
     """Draws training.num_samples images with the sampling config and writes them as a grid."""
 

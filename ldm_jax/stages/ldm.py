@@ -90,6 +90,12 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         evaluate=evaluate, evaluate_every=config.eval.every)
 
 
+def abstract_run(config, mesh):
+    """The step without data or frozen weights, for planning memory (see ldm_plan.py)."""
+    from ldm_jax.stages.ldm_plan import abstract_run as plan
+    return plan(config, mesh)
+
+
 def _check_cache(config, first, model, fixed, tok):
     """A latent cache must come from this run's first stage (and frozen text encoder); returns
     the empty caption's context when the cache holds text context (what dropped captions get)."""

@@ -167,19 +167,24 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     return history
 
 
+def jit_step(run, mesh, state_sharding, skip_nonfinite: bool):
+    """The stage's step as the loop runs it: guarded, jitted over `mesh`, state donated;
+    (state, batch, frozen, stop_flags) -> (state, metrics, controls)."""
+    return jax.jit(guard_step(run.train_step, skip_nonfinite),
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh),
+                                 parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, parallel.replicated(mesh),
+                                  parallel.replicated(mesh)),
+                   donate_argnums=(0,))
+
+
 def _run_steps(config, run, mesh, state, state_sharding, data_iter, ckpt, logger, first_step,
                stop_at, counters, stop_request, skipped=None) -> list[dict]:
     """`skipped`: the source's count of unreadable files (image_files.SkipCounter), if any."""
     t = config.training
     reported_skips = 0
-    guarded = guard_step(run.train_step, t.skip_nonfinite_steps)
     frozen = jax.device_put(run.frozen, parallel.replicated(mesh))
-    step_fn = jax.jit(guarded,
-                      in_shardings=(state_sharding, parallel.batch_sharding(mesh),
-                                    parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                      out_shardings=(state_sharding, parallel.replicated(mesh),
-                                     parallel.replicated(mesh)),
-                      donate_argnums=(0,))
+    step_fn = jit_step(run, mesh, state_sharding, t.skip_nonfinite_steps)
     watch = StepWatch(t.skip_nonfinite_steps, counters.get("nonfinite_skipped", 0), logger.note)
     n_local = parallel.local_device_count(mesh)
     start = time.time()
