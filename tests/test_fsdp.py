@@ -125,3 +125,52 @@ def test_checkpoint_of_one_mesh_resumes_on_another(tmp_path, shapes_data_dir):
             for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
                             jax.tree_util.tree_leaves(single)):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_text_conditioned_latent_step_is_the_same_sharded():
+    """The latent U-Net and its jointly trained text encoder, from a latent cache's batch
+    (the step the SD-size runs take), on one device and as 2x4."""
+    import jax.numpy as jnp
+
+    from ldm_jax.stages.ldm_plan import abstract_run
+    from ldm_jax.training.loop import jit_step
+
+    rng = np.random.default_rng(0)
+    from configs import ldm_kl8
+    from conftest import set_fields
+    from ldm_fixtures import TINY_LDM
+    # No first-stage workdir: the batches are a latent cache's, the first stage's shapes come
+    # from its config file and its weights are random.
+    config = set_fields(ldm_kl8.get_config(), {
+        **TINY_LDM, "data.name": "latents", "data.path": "unused", "data.image_size": 32,
+        "first_stage.workdir": "/nonexistent", "conditioning.text": True,
+        "first_stage.config": "configs/autoencoder_kl_f8_shapes.py",
+        "model.attention_levels": (0, 1), "parallel.fsdp_min_size": 0})
+    random = lambda a: (jnp.asarray(rng.normal(size=a.shape) * 0.02, a.dtype)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros(a.shape, a.dtype))
+    spec = abstract_run(config, parallel.make_mesh(jax.devices()[:1]))[1]
+    batches = [{"latents": rng.normal(size=spec["latents"].shape).astype(np.float32),
+                "ids": rng.integers(0, 1000, spec["ids"].shape).astype(np.int32),
+                "mask": np.ones(spec["mask"].shape, bool)} for _ in range(2)]
+    frozen = None
+    results = []
+    for devices, fsdp_size in ((jax.devices()[:1], 1), (jax.devices(), 4)):
+        config.parallel.fsdp = fsdp_size
+        mesh = parallel.make_mesh(devices, config.parallel)
+        run, _, frozen_abstract, _ = abstract_run(config, mesh)
+        if frozen is None:  # the same random first stage for both meshes
+            frozen = jax.tree_util.tree_map(random, frozen_abstract)
+        abstract = jax.eval_shape(run.init, jax.random.PRNGKey(0))
+        sharding = parallel.state_sharding(mesh, abstract, config.parallel)
+        state = jax.jit(run.init, out_shardings=sharding)(jax.random.PRNGKey(0))
+        step = jit_step(run, mesh, sharding, False)
+        flags = parallel.global_flags(np.zeros(len(devices), np.int32), mesh)
+        losses = []
+        for b in batches:
+            state, metrics, _ = step(state, parallel.global_batch(b, mesh), frozen, flags)
+            losses.append(float(metrics["loss"]))
+        results.append((losses, jax.device_get(state.params)))
+    (l1, p1), (l8, p8) = results
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(p8), jax.tree_util.tree_leaves(p1)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

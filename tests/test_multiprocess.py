@@ -61,8 +61,10 @@ def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path, shapes_d
     assert Checkpointer(workdir, read_only=True).latest_step() == stop
     assert [r["step"] for r in _logged(workdir)] == list(range(1, stop + 1))
 
-    # The same 2-process command resumes from the agreed step and finishes the run.
-    outs = _finish(_start_two_processes(workdir, shapes_data_dir))
+    # The same 2-process command resumes from the agreed step and finishes the run, with every
+    # parameter now split over all 4 devices of both processes (a 1 x 4 data x fsdp mesh).
+    fsdp = ("--config.parallel.fsdp=4", "--config.parallel.fsdp_min_size=0")
+    outs = _finish(_start_two_processes(workdir, shapes_data_dir, extra=fsdp))
     assert f"resumed from step {stop}" in outs[0]
     two = _logged(workdir)
     assert [r["step"] for r in two] == list(range(1, 31))
