@@ -61,11 +61,12 @@ def check_training(config) -> None:
 
 def check_data(data) -> None:
     """The dataset fields every stage reads."""
-    from ldm_jax.data import shapes, tfds_source
+    from ldm_jax.data import shapes
+    from ldm_jax.data.dataset_names import resolve
 
     one_of(data.name, ("shapes", "cifar10", "tfds", "folder", "webdataset", "latents"),
            "data.name")
-    data = tfds_source.resolve(data)  # the shorthand "cifar10" is checked as the tfds source
+    data = resolve(data)  # the shorthand "cifar10" is checked as the tfds source
     if data.name == "latents" and not data.path:
         raise ConfigError("data.name='latents' needs data.path, a cache written by `python -m "
                           "ldm_jax.data.cache`")

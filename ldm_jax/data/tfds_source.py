@@ -5,7 +5,7 @@ Each record becomes {"image": uint8 (S, S, 3)} plus "label": int when the datase
 `data.label_key` and "caption": str when it has `data.caption_key`: the image centre-cropped
 to a square and resized to `data.image_size` (grayscale and RGBA made RGB), as LDM's ImageNet
 and CelebA-HQ loaders do. `data.name = "cifar10"` is shorthand for tfds_name "cifar10" (older
-workdirs say so); `resolve` spells it out, and every reader of the data config goes through it.
+workdirs say so); `dataset_names.resolve` spells it out, and every reader of the data config goes through it.
 """
 from __future__ import annotations
 
@@ -15,23 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_jax.config_checks import ConfigError
-
-# What the shorthand data.name="cifar10" stands for.
-_SHORTHANDS = {"cifar10": dict(tfds_name="cifar10", image_key="image", label_key="label")}
-
-
-def resolve(data):
-    """`data` with a shorthand name spelled out as the tfds source it names (a copy); any
-    other data config unchanged."""
-    fields = _SHORTHANDS.get(data.name)
-    if fields is None:
-        return data
-    data = data.copy_and_resolve_references()
-    with data.unlocked():  # a workdir saved before these fields existed lacks them
-        data.name = "tfds"
-        data.update(fields)
-    return data
-
+from ldm_jax.data.dataset_names import resolve
 
 def center_crop_resize(image, size: int) -> np.ndarray:
     image = np.asarray(image)
