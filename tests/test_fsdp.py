@@ -11,6 +11,7 @@ from ldm_jax.checkpoint import Checkpointer, abstract_with_sharding
 from ldm_jax.config_checks import ConfigError
 from ldm_jax.training import ddpm_stage
 from ldm_jax.training.loop import train
+from test_sharded_step import run_steps
 from ldm_jax.training.optimizer import make_optimizer
 
 
@@ -45,33 +46,14 @@ def _parallel(fsdp_size, min_size=0):
     return tiny_config("", **{"parallel.fsdp": fsdp_size, "parallel.fsdp_min_size": min_size}).parallel
 
 
-def _run_steps(config, devices, batches, parallel_config):
-    mesh = parallel.make_mesh(devices, parallel_config)
-    model = ddpm_stage.build_model(config)
-    schedule = ddpm_stage.build_schedule(config)
-    tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
-    init = lambda k: ddpm_stage.init_state(config, model, tx, k)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    sharding = parallel.state_sharding(mesh, abstract, parallel_config)
-    state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(0))
-    step = jax.jit(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
-                   in_shardings=(sharding, parallel.batch_sharding(mesh)),
-                   out_shardings=(sharding, parallel.replicated(mesh)), donate_argnums=(0,))
-    losses = []
-    for b in batches:
-        state, metrics = step(state, parallel.global_batch({"image": b}, mesh))
-        losses.append(float(metrics["loss"]))
-    return losses, state
-
-
 def test_every_mesh_shape_trains_the_same():
     config = tiny_config("", **{"training.batch_size": 16, "optimizer.grad_accum_steps": 2})
     rng = np.random.default_rng(0)
     batches = [rng.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32) for _ in range(3)]
-    ref_losses, ref = _run_steps(config, jax.devices()[:1], batches, None)
+    ref_losses, ref = run_steps(config, jax.devices()[:1], batches)
     ref_leaves = jax.tree_util.tree_leaves(jax.device_get((ref.params, ref.ema_params)))
     for fsdp_size in (1, 4, 2):  # 8x1, 2x4, 4x2
-        losses, state = _run_steps(config, jax.devices(), batches, _parallel(fsdp_size))
+        losses, state = run_steps(config, jax.devices(), batches, _parallel(fsdp_size))
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         leaves = jax.tree_util.tree_leaves(jax.device_get((state.params, state.ema_params)))
         for a, b in zip(leaves, ref_leaves):

@@ -9,13 +9,15 @@ from ldm_jax.training import ddpm_stage
 from ldm_jax.training.optimizer import make_optimizer
 
 
-def _run_steps(config, devices, batches):
-    mesh = parallel.make_mesh(devices)
+def run_steps(config, devices, batches, parallel_config=None):
+    """(losses, final state) of the DDPM step on `devices`, shaped by `parallel_config`."""
+    mesh = parallel.make_mesh(devices, parallel_config)
     model = ddpm_stage.build_model(config)
     schedule = ddpm_stage.build_schedule(config)
     tx, lr_fn = make_optimizer(config.optimizer, config.training.num_steps)
     init = lambda k: ddpm_stage.init_state(config, model, tx, k)
-    sharding = parallel.state_sharding(mesh, jax.eval_shape(init, jax.random.PRNGKey(0)))
+    sharding = parallel.state_sharding(mesh, jax.eval_shape(init, jax.random.PRNGKey(0)),
+                                       parallel_config)
     state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(0))
     step = jax.jit(ddpm_stage.make_train_step(config, model, schedule, tx, lr_fn, mesh),
                    in_shardings=(sharding, parallel.batch_sharding(mesh)),
@@ -24,6 +26,11 @@ def _run_steps(config, devices, batches):
     for b in batches:
         state, metrics = step(state, parallel.global_batch({"image": b}, mesh))
         losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def _run_steps(config, devices, batches):
+    losses, state = run_steps(config, devices, batches)
     return losses, jax.device_get(state.params), jax.device_get(state.ema_params)
 
 
