@@ -65,7 +65,7 @@ def test_two_processes_match_one_and_stop_together_on_sigterm(tmp_path, shapes_d
     # parameter now split over all 4 devices of both processes (a 1 x 4 data x fsdp mesh).
     fsdp = ("--config.parallel.fsdp=4", "--config.parallel.fsdp_min_size=0")
     outs = _finish(_start_two_processes(workdir, shapes_data_dir, extra=fsdp))
-    assert f"resumed from step {stop}" in outs[0]
+    assert f"resumed from step {stop}" in outs[0] and "as data 1 x fsdp 4" in outs[0]
     two = _logged(workdir)
     assert [r["step"] for r in two] == list(range(1, 31))
 

@@ -140,7 +140,7 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
     logger = MetricLogger(workdir, t.num_steps, first_step, t.batch_size, is_main, t.progress_bar,
                           run.console_keys)
     logger.note(f"{run.describe(abstract)}; {origin} in "
-                f"{time.time() - start:.1f}s; {mesh.devices.size} devices, {jax.process_count()} "
+                f"{time.time() - start:.1f}s; {_mesh_words(mesh)}, {jax.process_count()} "
                 f"process(es), global batch {t.batch_size}")
     for note in resume_notes:
         logger.note(note)
@@ -165,6 +165,12 @@ def _train(config, workdir, devices, stop_at, allow_changes, stop_request) -> li
         logger.close()
     ckpt.close()
     return history
+
+
+def _mesh_words(mesh) -> str:
+    data, fsdp = mesh.devices.shape
+    return (f"{mesh.devices.size} devices" if fsdp == 1 else
+            f"{mesh.devices.size} devices as data {data} x fsdp {fsdp}")
 
 
 def jit_step(run, mesh, state_sharding, skip_nonfinite: bool):
