@@ -75,3 +75,17 @@ def test_memory_command_prints_the_table():
                           "--devices=8", "--config.parallel.fsdp=3"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "does not divide the 8 devices" in bad.stderr, bad.stderr[-800:]
+
+
+def test_autoencoder_stage_is_planned_too():
+    from configs import autoencoder_kl_f8_shapes
+    config = autoencoder_kl_f8_shapes.get_config()
+    config.model.ch, config.model.ch_mult, config.model.norm_groups = 16, (1, 2), 8
+    config.loss.disc_channels = 16
+    config.training.batch_size, config.parallel.fsdp = 8, 4
+    config.parallel.fsdp_min_size = 0
+    result = memory_plan.plan(config)
+    pd, whole = result["per_device"], result["whole"]
+    assert whole["params"] / 4 <= pd["params"] < whole["params"] / 4 * 1.2
+    assert pd["other state"] > 0  # the discriminator and its optimiser
+    assert result["xla"]["argument"] == sum(pd.values())

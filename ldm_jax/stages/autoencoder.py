@@ -128,6 +128,27 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         finish=finish, evaluate=evaluate, evaluate_every=config.eval.every)
 
 
+def abstract_run(config, mesh):
+    """(StageRun, global batch, frozen LPIPS params, notes) as shapes only, for planning memory
+    (ldm_jax/memory_plan.py): the LPIPS weights need not be on disk."""
+    import jax.numpy as jnp
+    model, disc = build_model(config), build_discriminator(config)
+    tx, disc_tx, lr_fn = _optimizers(config)
+    lpips = None
+    if config.loss.perceptual_weight:
+        from ldm_jax.models.lpips import LPIPS
+        x = jnp.zeros((1, 64, 64, 3))
+        lpips = jax.eval_shape(lambda: LPIPS().init(jax.random.PRNGKey(0), x, x)["params"])
+    b = config.training.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((b, *_image_shape(config)), jnp.float32)}
+    run = StageRun(init=init_fn(config, model, disc, tx, disc_tx),
+                   train_step=autoencoder_step.make_train_step(config, model, disc, tx,
+                                                               disc_tx, lr_fn,
+                                                               config.model.kind),
+                   describe=lambda abstract: "")
+    return run, batch, lpips, []
+
+
 def _reconstruct_fn(model):
     @jax.jit
     def reconstruct(params, model_state, x):
