@@ -1,5 +1,4 @@
 """train.py then sample.py end to end, and one-line errors for bad input."""
-import os
 import subprocess
 import sys
 

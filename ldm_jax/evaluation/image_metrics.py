@@ -21,7 +21,6 @@ skimage filters with ``mode='reflect'`` and then crops ``r`` pixels from each bo
 pixel's window lies fully inside the image, so the padded values never reach the mean, and a
 ``VALID`` convolution (no padding) gives exactly the cropped map.
 """
-import math
 
 import jax
 import jax.numpy as jnp
