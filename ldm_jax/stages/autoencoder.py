@@ -250,11 +250,17 @@ def write_latent_scale(config, model, params, model_state, workdir, step, source
             f"{lat.scale}) written to {LATENT_SCALE_FILE}")
 
 
-def restore_for_use(workdir, config, step, use_ema):
-    """(model, params, model_state, step) of a checkpoint; only those parts are read."""
+def abstract_state(config):
+    """(model, the train state as ShapeDtypeStructs) of an autoencoder config."""
     model, disc = build_model(config), build_discriminator(config)
     tx, disc_tx, _ = _optimizers(config)
-    abstract = jax.eval_shape(init_fn(config, model, disc, tx, disc_tx), jax.random.PRNGKey(0))
+    return model, jax.eval_shape(init_fn(config, model, disc, tx, disc_tx),
+                                 jax.random.PRNGKey(0))
+
+
+def restore_for_use(workdir, config, step, use_ema):
+    """(model, params, model_state, step) of a checkpoint; only those parts are read."""
+    model, abstract = abstract_state(config)
     mesh = parallel.make_mesh()
     place = lambda tree: abstract_with_sharding(tree, parallel.state_sharding(mesh, tree))
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)

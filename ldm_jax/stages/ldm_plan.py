@@ -46,10 +46,7 @@ def abstract_first_stage(config) -> first_stage_lib.FirstStage:
     from ldm_jax.stages import autoencoder
     ae_config = _autoencoder_config(config)
     ae_config.data.image_size = config.data.image_size
-    model, disc = autoencoder.build_model(ae_config), autoencoder.build_discriminator(ae_config)
-    tx, disc_tx, _ = autoencoder._optimizers(ae_config)
-    state = jax.eval_shape(autoencoder.init_fn(ae_config, model, disc, tx, disc_tx),
-                           jax.random.PRNGKey(0))
+    model, state = autoencoder.abstract_state(ae_config)
     params = {"params": state.params, "model_state": state.model_state}
     return first_stage_lib.FirstStage(
         model=model, kind=ae_config.model.kind, scale=1.0, posterior=config.first_stage.posterior,
