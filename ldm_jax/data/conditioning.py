@@ -36,14 +36,10 @@ def sampling_labels(config, num: int, split: str = "train", caption: str | None 
         source = pipeline.load_source(config.data, split=split)
     records = [source[i % len(source)] for i in range(num)]
     labels = np.stack([pipeline.stack_labels(r, keys) for r in records])
-    captions = [_text(r["caption"]) if "caption" in r
+    captions = [pipeline.caption_of(r) if "caption" in r
                 else ", ".join(f"{k}={v}" for k, v in zip(keys, row))
                 for r, row in zip(records, labels)]
     return labels, captions
-
-
-def _text(caption) -> str:
-    return caption.decode() if isinstance(caption, bytes) else str(caption)
 
 
 def value_names(data, key: str):

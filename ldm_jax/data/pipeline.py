@@ -85,6 +85,12 @@ def _load_source(data_config, split: str, prepare: bool):
     raise ValueError(f"unknown dataset {data_config.name!r}")
 
 
+def caption_of(record) -> str:
+    """A record's caption as str: tfds Text features give bytes, the other sources str."""
+    caption = record["caption"]
+    return caption.decode() if isinstance(caption, bytes) else str(caption)
+
+
 def has_captions(data_config, source) -> bool:
     """Whether the records carry captions (for text-conditioned training)."""
     return data_config.name == "shapes" or bool(getattr(source, "has_captions", False))

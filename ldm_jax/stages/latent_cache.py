@@ -47,8 +47,7 @@ def _record(record, keys, latents, text=None, dtype=np.float32) -> bytes:
     for k in keys:
         out[k] = int(record[k])
     if "caption" in record:
-        c = record["caption"]
-        out["caption"] = c.decode() if isinstance(c, bytes) else str(c)
+        out["caption"] = pipeline.caption_of(record)
     if text is not None:
         out.update(text, context=_stored(text["context"], dtype, "text contexts"))
     return flax.serialization.msgpack_serialize(out)
@@ -94,7 +93,7 @@ def write_cache(config, out: str, splits=("train", "validation"), batch: int = 3
             latents = np.asarray(jax.device_get(encode(first.params, images)))
             texts = [None] * len(records)
             if text_fn is not None:
-                ids, mask = ldm_text.encode_prompts(tok, [ldm_text.caption_of(r)
+                ids, mask = ldm_text.encode_prompts(tok, [pipeline.caption_of(r)
                                                           for r in records])
                 context = np.asarray(jax.device_get(text_fn(ids, mask)), np.float32)
                 texts = [{"ids": ids[j], "mask": mask[j], "context": context[j]}

@@ -124,11 +124,6 @@ def records_of(config, split: str, num: int):
     return [source[i % len(source)] for i in range(num)]
 
 
-def _caption(record) -> str:
-    c = record["caption"]
-    return c.decode() if isinstance(c, bytes) else str(c)
-
-
 class GridWriter:
     """During training: training.num_samples images from the captions / labels of the
     held-out split (held-out colour-shape pairs included for shapes), as a captioned grid."""
@@ -164,7 +159,7 @@ def split_conditions(config, tok, first, split: str, num: int):
     records = records_of(config, split, num)
     keys = tuple(config.model.label_keys)
     labels = (np.stack([pipeline.stack_labels(r, keys) for r in records]) if keys else None)
-    captions = [_caption(r) if "caption" in r else
+    captions = [pipeline.caption_of(r) if "caption" in r else
                 ", ".join(f"{k}={r[k]}" for k in keys) for r in records]
     images = None  # a latent cache's records have none; concat models never train on one
     if "image" in records[0]:
@@ -215,7 +210,7 @@ def image_maker_for(config, mesh, model, first, schedule, tok):
                                     s.eta, s.guidance_scale, cond, uncond)
 
     def from_records(records):
-        captions = [_caption(r) for r in records] if tok else None
+        captions = [pipeline.caption_of(r) for r in records] if tok else None
         labels = np.stack([pipeline.stack_labels(r, keys) for r in records]) if keys else None
         return conditions(config, tok, captions, labels)
 
@@ -364,7 +359,7 @@ def sample_loaded(config, loaded, mesh, options: dict, out: str, source: str) ->
         records = records_of(config, options.get("split") or "train", num)
     captions = None
     if tok is not None:
-        captions = _cycle(prompts, num) if prompts else [_caption(r) for r in records]
+        captions = _cycle(prompts, num) if prompts else [pipeline.caption_of(r) for r in records]
     labels, class_names = None, None
     if config.model.label_keys:
         if classes:

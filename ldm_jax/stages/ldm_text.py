@@ -10,13 +10,9 @@ import os
 import numpy as np
 
 from ldm_jax.config_checks import ConfigError
+from ldm_jax.data.pipeline import caption_of
 
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def caption_of(record) -> str:
-    caption = record["caption"]
-    return caption.decode() if isinstance(caption, bytes) else str(caption)
 
 
 def captions_of(source) -> list[str]:
@@ -79,8 +75,7 @@ def load_tokenizer(workdir: str):
 def record_fields(tok):
     """record -> {ids, mask} of its caption, for the input pipeline."""
     def fields(record):
-        caption = record["caption"]
-        ids, mask = tok.encode([caption.decode() if isinstance(caption, bytes) else caption])
+        ids, mask = tok.encode([caption_of(record)])
         return {"ids": ids[0], "mask": mask[0]}
     return fields
 
