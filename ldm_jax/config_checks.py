@@ -85,6 +85,8 @@ def check_data(data) -> None:
     if data.name == "shapes":
         one_of(data.image_size, shapes.ALLOWED_IMAGE_SIZES, "data.image_size (shapes dataset)")
         at_least(data.num_train, 1, "data.num_train", "images to generate")
+        one_of(data.get("max_objects", shapes.MAX_OBJECTS), tuple(range(1, shapes.MAX_OBJECTS + 1)),
+               "data.max_objects (shapes dataset)")
     cifar10 = data.name == "tfds" and data.tfds_name.split(":")[0] == "cifar10"
     if cifar10 and data.image_size != 32:
         raise ConfigError(f"data.image_size={data.image_size}: CIFAR-10 images are 32x32; set 32")

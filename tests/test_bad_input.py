@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("training.keep_checkpoints", 0, "training.keep_checkpoints=0"),
     ("training.num_samples", 0, "training.sample_every=0"),  # sample_every > 0 in ddpm_shapes
     ("training.sample_every", -1, "training.sample_every=-1"),
+    ("data.max_objects", 3, "data.max_objects"),
     ("diffusion.num_timesteps", 1, "diffusion.num_timesteps=1"),
     ("diffusion.num_timesteps", 10**6, "diffusion.num_timesteps=1000000"),
     ("diffusion.beta_start", 0.0, "diffusion.beta_start=0.0"),

@@ -236,3 +236,21 @@ def test_no_tensorflow_and_no_network(tmp_path):
                          env=env, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
     assert "tensorflow" not in sys.modules
+
+
+def test_one_object_scenes(tmp_path):
+    """max_objects=1: every scene holds one object, the test split still a held-out pair each,
+    and the prepared data (under its own name) equals the generator's."""
+    for split in ("train", "test"):
+        for i in range(60):
+            lab = _labels(shapes.generate_example(split, i, 32, max_objects=1))
+            assert lab["num_objects"] == 1 and lab["position_1"] == -1
+            assert shapes.contains_held_out(lab) == (split == "test")
+    assert shapes_tfds.config_name(32, 8, 4, 0, max_objects=1) == "s32_n8_t4_seed0_o1"
+    src = shapes_tfds.shapes_data_source(str(tmp_path), image_size=32, split="test",
+                                         num_train=8, num_test=4, max_objects=1)
+    for i in range(4):
+        ref = shapes.generate_example("test", i, 32, max_objects=1)
+        assert src[i]["image"].tobytes() == ref["image"].tobytes()
+    with pytest.raises(ValueError, match="max_objects"):
+        shapes.generate_example("train", 0, 32, max_objects=3)

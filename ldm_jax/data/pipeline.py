@@ -61,8 +61,9 @@ def _load_source(data_config, split: str, prepare: bool):
     data_config = tfds_source.resolve(data_config)
     data_dir = default_data_dir(data_config.data_dir)
     if data_config.name == "shapes":
-        from ldm_jax.data import shapes_tfds
-        kwargs = dict(image_size=data_config.image_size, num_train=data_config.num_train)
+        from ldm_jax.data import shapes, shapes_tfds
+        kwargs = dict(image_size=data_config.image_size, num_train=data_config.num_train,
+                      max_objects=data_config.get("max_objects", shapes.MAX_OBJECTS))
         if prepare:
             shapes_tfds.prepare_shapes(data_dir, **kwargs)
         return shapes_tfds.shapes_data_source(data_dir, split=split, **kwargs)

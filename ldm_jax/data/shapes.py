@@ -130,9 +130,14 @@ def check_image_size(image_size: int) -> None:
             f"image_size must be one of {ALLOWED_IMAGE_SIZES}, got {image_size!r}")
 
 
-def _sample_labels(rng: np.random.Generator, split: str) -> dict:
+def check_max_objects(max_objects: int) -> None:
+    if max_objects not in range(1, MAX_OBJECTS + 1):
+        raise ValueError(f"max_objects must be 1..{MAX_OBJECTS}, got {max_objects!r}")
+
+
+def _sample_labels(rng: np.random.Generator, split: str, max_objects: int = MAX_OBJECTS) -> dict:
     background = int(rng.integers(len(BACKGROUNDS)))
-    num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
+    num_objects = int(rng.integers(1, max_objects + 1))
     positions = rng.choice(len(POSITIONS), size=num_objects, replace=False)
     sizes = rng.integers(len(SIZES), size=num_objects)
     if split == "test":
@@ -254,19 +259,22 @@ def cell_bounds(position: int, image_size: int) -> tuple:
     return int(edges[row]), int(edges[row + 1]), int(edges[col]), int(edges[col + 1])
 
 
-def generate_example(split: str, index: int, image_size: int, seed: int = 0) -> dict:
+def generate_example(split: str, index: int, image_size: int, seed: int = 0,
+                     max_objects: int = MAX_OBJECTS) -> dict:
     """Example `index` of `split`: {'image', 'caption', *LABEL_KEYS}.
 
     image is uint8 (S, S, 3); caption a str; labels are Python ints with -1
-    for the absent second object.
+    for the absent second object. max_objects=1 gives one object per scene (an easier
+    task: nothing to bind attributes to, counts always 1); the held-out pairs are the same.
     """
     if split not in SPLIT_IDS:
         raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
     check_image_size(image_size)
+    check_max_objects(max_objects)
     if index < 0 or seed < 0:
         raise ValueError("index and seed must be non-negative")
     rng = np.random.default_rng([int(seed), SPLIT_IDS[split], int(index)])
-    labels = _sample_labels(rng, split)
+    labels = _sample_labels(rng, split, max_objects)
     offsets = rng.uniform(-1.0, 1.0, size=(labels["num_objects"], 2))
     example = {"image": render(labels, image_size, offsets), "caption": describe(labels)}
     example.update(labels)

@@ -28,27 +28,33 @@ class ShapesConfig(tfds.core.BuilderConfig):
     num_train: int = 20000
     num_test: int = 2000
     seed: int = 0
+    max_objects: int = shapes.MAX_OBJECTS
 
 
-def config_name(image_size: int, num_train: int, num_test: int, seed: int) -> str:
-    """Directory-safe name that encodes every parameter of the data."""
-    return f"s{image_size}_n{num_train}_t{num_test}_seed{seed}"
+def config_name(image_size: int, num_train: int, num_test: int, seed: int,
+                max_objects: int = shapes.MAX_OBJECTS) -> str:
+    """Directory-safe name that encodes every parameter of the data (the two-object data
+    keeps the name it had before max_objects existed)."""
+    objects = "" if max_objects == shapes.MAX_OBJECTS else f"_o{max_objects}"
+    return f"s{image_size}_n{num_train}_t{num_test}_seed{seed}{objects}"
 
 
 def make_config(image_size: int = 32, num_train: int = 20000, num_test: int = 2000,
-                seed: int = 0) -> ShapesConfig:
+                seed: int = 0, max_objects: int = shapes.MAX_OBJECTS) -> ShapesConfig:
     shapes.check_image_size(image_size)
+    shapes.check_max_objects(max_objects)
     if num_train < 1 or num_test < 1 or seed < 0:
         raise ValueError("num_train and num_test must be >= 1 and seed >= 0")
-    name = config_name(image_size, num_train, num_test, seed)
+    name = config_name(image_size, num_train, num_test, seed, max_objects)
     # tfds refuses a new config object that shares a predefined config's name.
     predefined = ShapesBuilder.builder_configs.get(name)
     if predefined is not None:
         return predefined
     return ShapesConfig(name=name, image_size=image_size, num_train=num_train,
-                        num_test=num_test, seed=seed,
+                        num_test=num_test, seed=seed, max_objects=max_objects,
                         description=(f"{image_size}px, {num_train} train / "
-                                     f"{num_test} test, seed {seed}"))
+                                     f"{num_test} test, seed {seed}, "
+                                     f"up to {max_objects} object(s)"))
 
 
 class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
@@ -93,20 +99,22 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int):
         cfg = self.builder_config
         for i in range(num):
-            yield i, shapes.generate_example(split, i, cfg.image_size, cfg.seed)
+            yield i, shapes.generate_example(split, i, cfg.image_size, cfg.seed,
+                                             cfg.max_objects)
 
 
 def _builder(data_dir: str, image_size: int, num_train: int, num_test: int,
-             seed: int) -> ShapesBuilder:
+             seed: int, max_objects: int) -> ShapesBuilder:
     return ShapesBuilder(data_dir=str(data_dir),
-                         config=make_config(image_size, num_train, num_test, seed),
+                         config=make_config(image_size, num_train, num_test, seed, max_objects),
                          file_format="array_record")
 
 
 def prepare_shapes(data_dir: str, image_size: int = 32, num_train: int = 20000,
-                   num_test: int = 2000, seed: int = 0) -> ShapesBuilder:
+                   num_test: int = 2000, seed: int = 0,
+                   max_objects: int = shapes.MAX_OBJECTS) -> ShapesBuilder:
     """Generate and write the dataset under `data_dir` once; later calls reuse it."""
-    builder = _builder(data_dir, image_size, num_train, num_test, seed)
+    builder = _builder(data_dir, image_size, num_train, num_test, seed, max_objects)
     download_config = tfds.download.DownloadConfig(
         download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
         try_download_gcs=False,  # otherwise tfds asks GCS whether a copy exists
@@ -118,7 +126,8 @@ def prepare_shapes(data_dir: str, image_size: int = 32, num_train: int = 20000,
 
 
 def shapes_data_source(data_dir: str, image_size: int = 32, split: str = "train",
-                       num_train: int = 20000, num_test: int = 2000, seed: int = 0):
+                       num_train: int = 20000, num_test: int = 2000, seed: int = 0,
+                       max_objects: int = shapes.MAX_OBJECTS):
     """Random-access source (len / __getitem__) over a prepared split.
 
     Prepares the data first if needed. Records are dicts: 'image' read-only
@@ -126,5 +135,5 @@ def shapes_data_source(data_dir: str, image_size: int = 32, split: str = "train"
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    builder = prepare_shapes(data_dir, image_size, num_train, num_test, seed)
+    builder = prepare_shapes(data_dir, image_size, num_train, num_test, seed, max_objects)
     return builder.as_data_source(split=split)
