@@ -2,7 +2,7 @@
 
 python -m ldm_jax.evaluate --workdir=DIR --metrics=fid,kid,adherence --num=2000 [--steps=50
     --sampler=ddpm --guidance=3 --seed=0 --step=N]
-python -m ldm_jax.evaluate --workdir=AUTOENCODER_DIR --metrics=psnr,ssim,fid --num=1000
+python -m ldm_jax.evaluate --workdir=AUTOENCODER_DIR --metrics=psnr,ssim,fid,adherence --num=1000
 python -m ldm_jax.evaluate --images=DIR_A --reference=DIR_B --metrics=fid,kid
 
 A diffusion workdir is sampled, an autoencoder workdir reconstructs its held-out split. The
@@ -24,8 +24,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by train.py."
 _IMAGES = flags.DEFINE_string("images", None, "Folder of images to evaluate (with --reference).")
 _REFERENCE = flags.DEFINE_string("reference", None, "Folder of reference images (with --images).")
 _METRICS = flags.DEFINE_string("metrics", "fid", "Comma-separated: fid, kid, is, pr, adherence "
-                               "(label-conditioned shapes models), psnr, ssim, lpips "
-                               "(autoencoders; fid is then rFID).")
+                               "(shapes data: label-conditioned models' samples, autoencoders' "
+                               "reconstructions), psnr, ssim, lpips (autoencoders; fid is then "
+                               "rFID).")
 _NUM = flags.DEFINE_integer("num", 1000, "Images to draw or reconstruct (and reference images).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
 _SAMPLER = flags.DEFINE_enum("sampler", None, list(SAMPLERS), "Sampler (default: the config's).")

@@ -1,5 +1,6 @@
-"""Evaluation plumbing: cached reference features, metric/model checks, FID/KID from real
-Inception features against SciPy, and the evaluate command on a tiny trained workdir."""
+"""Evaluation plumbing: cached reference features, metric/model checks, the shapes checker on
+autoencoder reconstructions, FID/KID from real Inception features against SciPy, and the
+evaluate command on a tiny trained workdir."""
 import json
 import os
 import subprocess
@@ -55,15 +56,18 @@ def _with_seed(fn, seed):
     return lambda *a, **k: fn(*a, **{**k, "seed": seed})
 
 
-@pytest.mark.parametrize("metrics,kind,labels,message", [
-    ("fid,sharpness", "samples", (), "unknown metric"),
-    ("psnr", "samples", (), "autoencoder workdirs only"),
-    ("adherence", "samples", (), "unconditional"),
-    ("adherence", "reconstructions", (), "needs a diffusion model"),
+@pytest.mark.parametrize("metrics,kind,data,labels,message", [
+    ("fid,sharpness", "samples", "shapes", (), "unknown metric"),
+    ("psnr", "samples", "shapes", (), "autoencoder workdirs only"),
+    ("adherence", "samples", "shapes", (), "unconditional"),
+    ("adherence", "samples", "tfds", ("label",), "data.name='shapes' .this one: 'tfds'.; drop"),
+    ("adherence", "reconstructions", "folder", (), "data.name='shapes' .this one: 'folder'.; drop"),
 ])
-def test_metrics_that_cannot_apply_are_refused(metrics, kind, labels, message):
+def test_metrics_that_cannot_apply_are_refused(metrics, kind, data, labels, message):
     with pytest.raises(ConfigError, match=message):
-        eval_checks.check_metrics(eval_checks.parse_metrics(metrics), kind, "shapes", labels)
+        eval_checks.check_metrics(eval_checks.parse_metrics(metrics), kind, data, labels)
+    # An autoencoder of the shapes data needs no labels: its originals carry them.
+    eval_checks.check_metrics(("adherence",), "reconstructions", "shapes")
 
 
 def test_eval_config_is_checked_with_the_training_config(shapes_data_dir):
@@ -74,6 +78,58 @@ def test_eval_config_is_checked_with_the_training_config(shapes_data_dir):
     config = tiny_config(shapes_data_dir, **{"eval.every": 5, "eval.num_samples": 4})
     with pytest.raises(ConfigError, match="eval.num_samples"):
         config_utils.validate(config)
+
+
+def _autoencoder_evaluation(data_dir, reconstruct, split, num=40):
+    """The periodic evaluation of the tiny autoencoder config listing adherence, with
+    `reconstruct` (images in [-1, 1] -> images) standing in for the network."""
+    from ldm_jax import config_utils, parallel
+    from ldm_jax.evaluation.evaluator import ImageMaker, training_evaluator
+    from test_autoencoder_stage import tiny_ae_config
+    config = tiny_ae_config(data_dir, **{
+        "eval.every": 5, "eval.metrics": ("adherence", "psnr"), "eval.num_samples": num,
+        "eval.batch_size": 16, "eval.reference_split": split})
+    config_utils.validate(config)
+    maker = ImageMaker("reconstructions", lambda params, x: reconstruct(x))
+    figures, _ = training_evaluator(config, parallel.make_mesh(), maker, lambda s: s)(None, 0)
+    return figures
+
+
+def test_a_perfect_autoencoder_scores_the_data_floor_on_every_attribute(shapes_data_dir):
+    from ldm_jax.evaluation.shapes_adherence import ATTRIBUTES
+    figures = _autoencoder_evaluation(shapes_data_dir, lambda x: x, "validation")
+    # The held-out split is the shapes test split: every image holds a held-out pair.
+    assert not [k for k in figures if "seen" in k] and figures["psnr"] == np.inf
+    for a in ATTRIBUTES:
+        floor = figures[f"adherence_data_held_out/{a}"]
+        assert figures[f"adherence_held_out/{a}"] == floor >= 0.98, a
+
+
+def test_an_autoencoder_that_swaps_colours_fails_colour_only(shapes_data_dir):
+    # R, G, B <- B, R, G: the objects change colour; gray, black and white backgrounds stay.
+    figures = _autoencoder_evaluation(shapes_data_dir, lambda x: x[..., [2, 0, 1]], "train")
+    recon = {k.split("/")[1]: v for k, v in figures.items() if k.startswith("adherence_seen/")}
+    floor = {k.split("/")[1]: v for k, v in figures.items()
+             if k.startswith("adherence_data_seen/")}
+    assert len(recon) == len(floor) == 7 and min(floor.values()) >= 0.98
+    assert recon["color"] < floor["color"] - 0.5 and recon["all"] < floor["all"] - 0.5
+    for a in ("background", "num_objects", "position"):
+        assert recon[a] >= floor[a] - 0.05, (a, recon, floor)
+
+
+def test_adherence_figures_split_seen_and_held_out_images(shapes_data_dir):
+    """The one scoring function of samples and reconstructions, on a mix of both groups."""
+    from ldm_jax.data import pipeline
+    from ldm_jax.evaluation.evaluator import adherence_figures
+    data = tiny_config(shapes_data_dir).data
+    records = [pipeline.load_source(data, split)[i] for split in ("train", "test")
+               for i in range(6)]
+    images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+    figures = adherence_figures(images, records, ("color", "all"), name="adherence_data")
+    assert figures == {f"adherence_data_{g}/{a}": 1.0 for g in ("seen", "held_out")
+                       for a in ("color", "all")}
+    wrong = adherence_figures(images[::-1], records, ("color",))  # seen images as held-out
+    assert wrong["adherence_seen/color"] < 1 and wrong["adherence_held_out/color"] < 1
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,11 @@ def check_metrics(metrics, kind: str, data_name: str, label_keys=(), has_lpips=T
             raise ConfigError(f"{', '.join(paired)} compare reconstructions with their "
                               "originals: they apply to autoencoder workdirs only")
     if "adherence" in metrics:
-        if kind != "samples" or data_name != "shapes":
-            raise ConfigError("adherence judges samples of the shapes dataset against their "
-                              "labels: it needs a diffusion model trained on data.name='shapes'")
-        if not label_keys:
+        if data_name != "shapes":
+            raise ConfigError("adherence judges images of the shapes dataset against their "
+                              "labels: it needs a model trained on data.name='shapes' (this "
+                              f"one: {data_name!r}); drop adherence from the metrics")
+        if kind == "samples" and not label_keys:
             raise ConfigError("adherence needs a model conditioned on the shapes labels "
                               "(model.label_keys); this one is unconditional")
     if "lpips" in metrics and not has_lpips:

@@ -10,6 +10,13 @@ and returns flat {name: float} figures.
                                        drawn from the labels of train records (combinations
                                        seen in training) and test records (held-out pairs)
     reconstructions  fid (rFID), kid, pr, is against the originals; psnr, ssim, lpips
+                     adherence         shapes data: the reconstructions against the labels of
+                                       their originals, and the originals themselves (the
+                                       reader's floor on the data, as adherence_data_*)
+
+Adherence figures are named adherence_{group}/{attribute}, group `seen` for images whose
+labels hold only colour-shape pairs seen in training and `held_out` for those with a held-out
+pair; a group without images is left out.
 """
 from __future__ import annotations
 
@@ -67,6 +74,7 @@ class Evaluator:
         self.reference_split, self.eval_split = reference_split, eval_split
         self.inception_source = inception
         self._extractor = None
+        self._data_adherence = None  # the originals' figures: the same on every call
 
     @property
     def extractor(self):
@@ -129,40 +137,25 @@ class Evaluator:
         return results, notes
 
     def _adherence(self, params, seed) -> dict:
-        from ldm_jax.evaluation import shapes_adherence, shapes_reader
-        out = {}
+        # Train records hold only seen pairs and test records a held-out one each, so the
+        # two halves are the checker's two groups.
         half = self.num // 2
-        for group, split, n in (("seen", "train", half), ("held_out", "test", self.num - half)):
-            labels, records = self._labels(split, n)
-            images = self._draw(params, labels, n, seed)
-            readings = shapes_reader.read_scenes(images)
-            scores = shapes_adherence.adherence(readings, records)
-            for attribute in _conditioned_attributes(self.maker.label_keys):
-                out[f"adherence_{group}/{attribute}"] = scores[attribute]
-        return out
+        images, records = [], []
+        for split, n in (("train", half), ("test", self.num - half)):
+            if n:
+                labels, split_records = self._labels(split, n)
+                images.append(self._draw(params, labels, n, seed))
+                records += split_records
+        return adherence_figures(np.concatenate(images), records,
+                                 _conditioned_attributes(self.maker.label_keys))
 
     # -- reconstructions -------------------------------------------------------------------
     def _evaluate_reconstructions(self, params):
-        from ldm_jax.evaluation.image_metrics import psnr, ssim
         name = pipeline.split_name(self.config.data, self.eval_split)
         source = pipeline.load_source(self.config.data, split=name)
         originals = split_images(source, self.num)
-        recon = []
-        for start in range(0, self.num, self.batch_size):
-            x = originals[start:start + self.batch_size].astype(np.float32) / 127.5 - 1
-            n = len(x)
-            if n < self.batch_size:
-                x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
-            recon.append(to_uint8(np.asarray(self.maker.make(params, x))[:n]))
-        recon = np.concatenate(recon)
-        results, notes = {}, []
-        x = originals.astype(np.float32) / 127.5 - 1
-        y = recon.astype(np.float32) / 127.5 - 1
-        for metric, fn in (("psnr", psnr), ("ssim", ssim), ("lpips", self.maker.lpips)):
-            if metric in self.metrics:
-                results[metric] = float(np.mean(np.concatenate([
-                    np.asarray(fn(x[s:s + self.batch_size], y[s:s + self.batch_size]))
-                    for s in range(0, self.num, self.batch_size)])))
+        recon = self._reconstruct(params, originals)
+        results, notes = self._paired_metrics(originals, recon), []
         wanted = [m for m in self.metrics if m in INCEPTION_METRICS]
         if wanted:
             real, note = reference_features(self.config.data, self.eval_split, self.num,
@@ -170,7 +163,38 @@ class Evaluator:
             notes.append(note)
             found = inception_metrics(wanted, real, self.extractor(recon))
             results.update({("rfid" if k == "fid" else k): v for k, v in found.items()})
+        if "adherence" in self.metrics:
+            records = [source[i] for i in range(self.num)]
+            results.update(adherence_figures(recon, records))
+            if self._data_adherence is None:
+                self._data_adherence = adherence_figures(originals, records,
+                                                         name="adherence_data")
+            results.update(self._data_adherence)
         return results, notes
+
+    def _paired_metrics(self, originals, recon) -> dict:
+        """The mean psnr, ssim and lpips asked for, of uint8 reconstructions and originals."""
+        from ldm_jax.evaluation.image_metrics import psnr, ssim
+        x = originals.astype(np.float32) / 127.5 - 1
+        y = recon.astype(np.float32) / 127.5 - 1
+        b, out = self.batch_size, {}
+        for metric, fn in (("psnr", psnr), ("ssim", ssim), ("lpips", self.maker.lpips)):
+            if metric in self.metrics:
+                out[metric] = float(np.mean(np.concatenate([
+                    np.asarray(fn(x[s:s + b], y[s:s + b])) for s in range(0, self.num, b)])))
+        return out
+
+    def _reconstruct(self, params, originals) -> np.ndarray:
+        """uint8 reconstructions of uint8 `originals`, in batches of batch_size (the last
+        padded, so one program serves every batch)."""
+        recon = []
+        for start in range(0, self.num, self.batch_size):
+            x = originals[start:start + self.batch_size].astype(np.float32) / 127.5 - 1
+            n = len(x)
+            if n < self.batch_size:
+                x = np.concatenate([x, np.repeat(x[-1:], self.batch_size - n, 0)])
+            recon.append(to_uint8(np.asarray(self.maker.make(params, x))[:n]))
+        return np.concatenate(recon)
 
 
 def inception_metrics(wanted, real: dict, fake: dict) -> dict:
@@ -188,6 +212,17 @@ def inception_metrics(wanted, real: dict, fake: dict) -> dict:
                               "with it (--inception)")
         out["is"], out["is_std"] = dm.inception_score(fake["logits_unbiased"])
     return out
+
+
+def adherence_figures(images, records, attributes=None, name: str = "adherence") -> dict:
+    """The shapes checker on uint8 `images` against the labels of `records` (one each):
+    {f"{name}_{group}/{attribute}": fraction right} for the groups `seen` and `held_out`
+    that have images; `attributes` default to all of them."""
+    from ldm_jax.evaluation import shapes_adherence, shapes_reader
+    groups = shapes_adherence.adherence_by_group(shapes_reader.read_scenes(images), records)
+    attributes = shapes_adherence.ATTRIBUTES if attributes is None else attributes
+    return {f"{name}_{group}/{a}": scores[a] for group, scores in groups.items() if scores["n"]
+            for a in attributes}
 
 
 _OBJECT_ATTRIBUTES = ("color", "shape", "size", "position")
