@@ -347,15 +347,17 @@ def test_cli_train_then_reconstruct(tmp_path, shapes_data_dir):
         assert img.size == (2 + 2 * 66, 2 + 2 * 34) and img.mode == "RGB"
     r = run(["sample.py", f"--workdir={workdir}"])
     _one_line_error(r, "--reconstruct")
-    # The evaluation command reconstructs the held-out split: rFID against the originals, and
-    # LPIPS with the weights given (random VGG weights stand in for torchvision's here).
+    # The evaluation command reconstructs the held-out split: rFID against the originals,
+    # LPIPS with the weights given (random VGG weights stand in for torchvision's here), and
+    # the shapes checker on the reconstructions and on the originals (the data's floor).
     from ldm_jax.convert.lpips_weights import save_converted
     from ldm_jax.models.lpips import LPIPS
     x = jnp.zeros((1, 32, 32, 3))
     lpips_file = save_converted(LPIPS().init(jax.random.PRNGKey(0), x, x)["params"],
                                 str(tmp_path / "lpips.safetensors"))
-    r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=psnr,ssim,lpips,fid",
-             "--num=12", "--batch_size=4", f"--lpips={lpips_file}"])
+    r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}",
+             "--metrics=psnr,ssim,lpips,fid,adherence", "--num=12", "--batch_size=4",
+             f"--lpips={lpips_file}"])
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(workdir, ae.EVAL_FILE)) as f:
         record = json.loads(f.readlines()[-1])
@@ -363,6 +365,8 @@ def test_cli_train_then_reconstruct(tmp_path, shapes_data_dir):
     assert record["rfid"] > 0 and 0 < record["ssim"] < 1 and record["psnr"] > 0
     assert record["lpips"] > 0
     assert "rfid" in r.stdout and "lpips" in r.stdout
+    assert record["adherence_data_held_out/all"] == 1.0  # the reader on clean renders
+    assert 0 <= record["adherence_held_out/color"] <= 1 and "adherence_held_out/all" in r.stdout
     r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=lpips", "--num=4"])
     _one_line_error(r, "--lpips=PATH")
 
