@@ -79,7 +79,12 @@ def get_config():
         batch_size=12,
         num_steps=500_000,
         use_ema=False,
+        # Averages ~1/(1-d) = 1000 steps once warmed up; with the compvis warm-up (see
+        # ddpm_base) the decay is (1+n)/(10+n) until it reaches 0.999 after ~9,000 steps.
         ema_decay=0.999,
+        ema_warmup="compvis",   # compvis | power | none
+        ema_inv_gamma=1.0,      # power warm-up only
+        ema_power=2 / 3,        # power warm-up only
         compute_dtype="float32",
         log_every=100,
         checkpoint_every=5000,

@@ -62,7 +62,15 @@ def get_config():
     config.training = dict(
         batch_size=128,         # global batch over all devices of all processes
         num_steps=800_000,
+        # EMA of the weights, sampled with: a fixed decay d averages ~1/(1-d) steps. The
+        # warm-up caps d early on so the EMA forgets the random init: compvis (CompVis LitEma)
+        # uses (1+n)/(10+n) at update n, which averages ~n/10 steps and reaches 0.9999 after
+        # ~90,000 steps; power (diffusers EMAModel) uses 1-(1+(n-1)/inv_gamma)**-power, which
+        # reaches 0.9999 after 1e6 steps at power 2/3; none keeps d from the first step.
         ema_decay=0.9999,
+        ema_warmup="compvis",   # compvis | power | none
+        ema_inv_gamma=1.0,      # power warm-up only
+        ema_power=2 / 3,        # power warm-up only; diffusers suggests 3/4 for short runs
         compute_dtype="float32",  # float32 | bfloat16 (params stay float32)
         log_every=100,
         checkpoint_every=5000,

@@ -55,8 +55,22 @@ def check_training(config) -> None:
                           f"optimizer.grad_accum_steps={accum} equal micro-batches")
     if t.num_steps < 1:
         raise ConfigError(f"training.num_steps={t.num_steps} must be at least 1")
+    check_ema(t)
+
+
+def check_ema(t) -> None:
+    """The EMA's decay and its warm-up (training.ema_warmup, see train_state.ema_decay_at)."""
+    from ldm_jax.training.train_state import EMA_WARMUPS
+
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"training.ema_decay={t.ema_decay} must be in [0, 1)")
+    one_of(t.ema_warmup, EMA_WARMUPS, "training.ema_warmup")
+    if not t.ema_inv_gamma > 0:  # also catches NaN
+        raise ConfigError(f"training.ema_inv_gamma={t.ema_inv_gamma} must be positive; set "
+                          "training.ema_inv_gamma=1.0 (diffusers' default)")
+    if not t.ema_power > 0:
+        raise ConfigError(f"training.ema_power={t.ema_power} must be positive; set "
+                          "training.ema_power=0.6667 (long runs) or 0.75 (short ones)")
 
 
 def check_data(data) -> None:

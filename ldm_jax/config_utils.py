@@ -83,9 +83,12 @@ def _merge(defaults: dict, saved: dict) -> dict:
 
 def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     """A stored config dict with the fields added since it was written set to their stage's
-    defaults, which keep the old behaviour (workdirs from before `stage` existed are DDPM)."""
+    defaults, which keep the old behaviour (workdirs from before `stage` existed are DDPM),
+    or to the old behaviour where the default changed it (training.ema_warmup)."""
     defaults = stage_module(saved.get("stage", "ddpm")).default_config()
     merged = _merge(defaults.to_dict(), saved)
+    if "ema_warmup" not in saved.get("training", {}):
+        merged["training"]["ema_warmup"] = "none"  # its EMA was trained with a fixed decay
     model = merged.get("model")
     if isinstance(model, dict) and isinstance(model.get("remat"), bool):
         from ldm_jax.models.remat import from_legacy  # model.remat was a bool before policies

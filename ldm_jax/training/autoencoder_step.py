@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from ldm_jax.losses import autoencoder as L
-from ldm_jax.training.train_state import ema_update
+from ldm_jax.training.train_state import ema_decay_at, ema_update
 
 
 @flax.struct.dataclass
@@ -67,7 +67,6 @@ def make_train_step(config, model, disc, tx, disc_tx, lr_fn, kind: str):
     lpips_params is None when loss.perceptual_weight is 0."""
     lc = config.loss
     pw = float(lc.perceptual_weight)
-    ema_decay = config.training.ema_decay
     gan_possible = lc.disc_weight > 0 and lc.disc_factor > 0
     d_loss_kind = lc.disc_loss
 
@@ -166,8 +165,9 @@ def make_train_step(config, model, disc, tx, disc_tx, lr_fn, kind: str):
         else:
             d_logs = {"disc_loss": jnp.zeros(()), "logits_real": jnp.zeros(()),
                       "logits_fake": jnp.zeros(())}
-        ema = (None if state.ema_params is None
-               else ema_update(state.ema_params, params, ema_decay))
+        ema = (None if state.ema_params is None  # update number step + 1, as in ddpm_stage
+               else ema_update(state.ema_params, params,
+                               ema_decay_at(state.step + 1, config.training)))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                                   opt_state=opt_state, disc_params=d_params, disc_stats=d_stats,
                                   disc_opt_state=d_opt, model_state=model_state)

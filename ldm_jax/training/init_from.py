@@ -2,8 +2,10 @@
 converted Stable Diffusion weights, or a 512x512 stage from the 256x256 stage before it.
 
 Only the weights are taken, the ones that workdir samples with (its EMA params when its
-sampling.use_ema is set); the optimiser state and the step count start afresh. The weights
-must fit the new run's model exactly: a different architecture is a one-line error naming it.
+sampling.use_ema is set); the optimiser state and the step count start afresh, and so does the
+EMA: a copy of the loaded weights whose warm-up (training.ema_warmup) counts from step 0, as a
+new run's does. The weights must fit the new run's model exactly: a different architecture is a
+one-line error naming it.
 """
 from __future__ import annotations
 
