@@ -32,6 +32,8 @@ def get_config():
     config.optimizer.warmup_steps = 1000
     config.training.batch_size = 64
     config.training.num_steps = 100_000
+    # ~10,000-step window once reached; the compvis warm-up reaches 0.9999 after ~90,000 of
+    # the 100,000 steps and until then averages the last ~n/10 steps.
     config.training.ema_decay = 0.9999
     config.training.label_drop_prob = 0.1
     config.training.checkpoint_every = 5000

@@ -74,6 +74,8 @@ def paper_recipe(config, base_lr: float):
     config.optimizer.grad_clip = 0.0
     config.training.batch_size = 48
     config.training.num_steps = 500_000
+    # ~10,000-step window, reached after ~90,000 steps of the compvis warm-up (before that
+    # the EMA averages the last ~n/10 steps).
     config.training.ema_decay = 0.9999
     config.training.sample_every = 5000
     config.training.num_samples = 16

@@ -55,6 +55,8 @@ def get_config(model_dir: str = "workdirs/sd_v1"):
     config.optimizer.grad_clip = 1.0
     config.training.batch_size = 32
     config.training.num_steps = 10_000
+    # The EMA starts from the loaded weights and its compvis warm-up from step 0: it averages
+    # the last ~n/10 steps (decay 0.9991 at step 10,000) and would reach 0.9999 after ~90,000.
     config.training.ema_decay = 0.9999
     config.training.compute_dtype = "bfloat16"
     config.training.checkpoint_every = 1000

@@ -37,6 +37,8 @@ def get_config(stage: str = "256"):
     config.optimizer.grad_accum_steps = 2
     config.training.batch_size = 2048
     config.training.num_steps = steps
+    # ~10,000-step window, reached after ~90,000 steps of the compvis warm-up (before that
+    # the EMA averages the last ~n/10 steps).
     config.training.ema_decay = 0.9999
     config.training.compute_dtype = "bfloat16"
     config.training.checkpoint_every = 5000
