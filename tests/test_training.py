@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from conftest import tensorboard_steps, tiny_config
+from ldm_jax import generate, parallel
 from ldm_jax.checkpoint import CHECKPOINT_DIR
 from ldm_jax.training import ddpm_stage
 from ldm_jax.training.loop import train
@@ -61,6 +62,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, shapes_data_dir):
     assert tensorboard_steps(os.path.join(resumed_dir, "tensorboard"), "train/loss") == \
         [1, 2, 3, 4, 5, 6]
     assert os.path.exists(os.path.join(resumed_dir, "config.json"))
+
+    # So is the EMA: its warm-up (compvis, decay (1+n)/(10+n) here) counts updates from the
+    # checkpointed step, so a count restarted at the resume would weigh steps 3-6 differently.
+    mesh = parallel.make_mesh()
+    emas = [generate.load_params(d, config, mesh, use_ema=True)[1]
+            for d in (str(tmp_path / "straight"), resumed_dir)]
+    raw = generate.load_params(resumed_dir, config, mesh, use_ema=False)[1]
+    pairs = zip(*(jax.tree_util.tree_leaves(t) for t in (*emas, raw)))
+    assert all(np.array_equal(a, b) for a, b, _ in pairs)
+    assert any(not np.array_equal(a, r) for a, r in zip(jax.tree_util.tree_leaves(emas[1]),
+                                                        jax.tree_util.tree_leaves(raw)))
 
 
 def test_training_writes_sample_grid(tmp_path, shapes_data_dir):
