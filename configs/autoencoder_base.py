@@ -19,6 +19,7 @@ def get_config():
         data_dir="",
         image_size=64,
         num_train=20000,
+        max_objects=2,          # shapes only: objects per scene, 1 or 2 (1: an easier task)
         tfds_name="",           # name "tfds": any tfds dataset prepared in array_record format
         image_key="image",
         label_key="",           # unused by autoencoders

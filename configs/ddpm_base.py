@@ -14,6 +14,7 @@ def get_config():
         data_dir="",            # tfds data dir; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets
         image_size=32,
         num_train=20000,        # shapes only: how many training images to generate
+        max_objects=2,          # shapes only: objects per scene, 1 or 2 (1: an easier task)
         tfds_name="",           # name "tfds": any tfds dataset prepared in array_record format
         image_key="image",      # tfds: the image feature (centre-cropped, resized to image_size)
         label_key="label",      # tfds: the class feature, exposed as the label "label"
