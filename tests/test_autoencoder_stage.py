@@ -171,6 +171,24 @@ def gan_trajectory():
     return config, model, disc, records
 
 
+def test_run_ending_before_disc_start_skips_the_gan_with_the_same_updates(gan_trajectory):
+    """A run whose num_steps ends before disc_start compiles the step without the discriminator
+    and makes the updates the full step makes before disc_start (its GAN terms weigh 0)."""
+    config, _, _, records = gan_trajectory
+    short = tiny_ae_config(**{"loss.disc_start": DISC_START, "training.num_steps": DISC_START})
+    _, _, _, step = _pieces(short)
+    state = records[0][0]
+    for k in (0, 1):
+        state, metrics = step(state, records[k][1])
+        want = records[k + 1][0]
+        assert float(metrics["d_weight"]) == 0.0  # no adaptive weight computed
+        for got, ref in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
+                            jax.tree_util.tree_leaves(want.params)):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        assert _equal_trees(jax.device_get(state.disc_params), want.disc_params)
+    assert float(records[0][2]["d_weight"]) > 0.0  # the full step does compute it
+
+
 def test_discriminator_frozen_before_disc_start_then_trained(gan_trajectory):
     _, _, _, records = gan_trajectory
     states = [r[0] for r in records]  # states[k]: after k steps

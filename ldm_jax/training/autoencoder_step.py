@@ -67,7 +67,11 @@ def make_train_step(config, model, disc, tx, disc_tx, lr_fn, kind: str):
     lpips_params is None when loss.perceptual_weight is 0."""
     lc = config.loss
     pw = float(lc.perceptual_weight)
-    gan_possible = lc.disc_weight > 0 and lc.disc_factor > 0
+    # A run that ends before disc_start never weighs the GAN terms above 0, so its steps skip
+    # the discriminator and the adaptive weight's two extra pullbacks (same updates, ~10% less
+    # time on a CPU); a resumed run with more steps compiles the full step again.
+    gan_possible = (lc.disc_weight > 0 and lc.disc_factor > 0
+                    and lc.disc_start < config.training.num_steps)
     d_loss_kind = lc.disc_loss
 
     def lpips_fn(lpips_params, x, xrec):
