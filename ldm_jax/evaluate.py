@@ -55,6 +55,30 @@ def format_table(results: dict) -> str:
                      for k, v in results.items())
 
 
+def split_adherence(results: dict) -> tuple[dict, dict]:
+    """(other figures, {row: {attribute: fraction}}) where the rows are the adherence groups
+    ("adherence_seen", "adherence_data_held_out", ...) of `results`' "ROW/ATTRIBUTE" keys."""
+    rows, other = {}, {}
+    for key, value in results.items():
+        row, _, attr = key.partition("/")
+        if row.startswith("adherence") and attr:
+            rows.setdefault(row, {})[attr] = value
+        else:
+            other[key] = value
+    return other, rows
+
+
+def format_adherence(rows: dict) -> str:
+    """The adherence figures as one grid: a row per group, a column per attribute."""
+    attrs = list(dict.fromkeys(a for row in rows.values() for a in row))
+    width = max(len(r) for r in rows)
+    lines = [" " * width + "".join(f"{a:>12}" for a in attrs)]
+    for row, scores in rows.items():
+        lines.append(f"{row:<{width}}" + "".join(
+            f"{scores[a]:>12.3f}" if a in scores else " " * 12 for a in attrs))
+    return "\n".join(lines)
+
+
 def evaluate_workdir(workdir, metrics, num, overrides: dict, seed=0, step=None, use_ema=True,
                      inception=None, lpips=None, reference_split="train", split="validation",
                      batch_size=64) -> tuple[dict, list]:
@@ -142,9 +166,12 @@ def main(argv):
             _BATCH.value)
     for note in notes:
         print(note)
-    shown = {k: v for k, v in record.items() if isinstance(v, float)}
+    shown, adherence = split_adherence(
+        {k: v for k, v in record.items() if isinstance(v, float)})
     print(f"step {record['step']}, {record['num']} images:")
     print(format_table(shown))
+    if adherence:  # "seen": captions of seen colour-shape pairs, "held_out": of held-out ones
+        print(format_adherence(adherence))
     print(f"appended to {os.path.join(_WORKDIR.value, EVAL_FILE)}")
 
 

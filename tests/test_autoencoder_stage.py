@@ -92,7 +92,7 @@ DOCUMENTED_LATENTS = {
     "autoencoder_kl_f8_sd": (512, (64, 64, 4)),
     "autoencoder_vq_f4": (256, (64, 64, 3)),
     "autoencoder_vq_f8": (256, (32, 32, 4)),
-    "autoencoder_kl_f8_shapes": (64, (8, 8, 4)),
+    "autoencoder_kl_f8_shapes": (32, (4, 4, 4)),
 }
 
 
@@ -384,7 +384,8 @@ def test_cli_train_then_reconstruct(tmp_path, shapes_data_dir):
     assert record["lpips"] > 0
     assert "rfid" in r.stdout and "lpips" in r.stdout
     assert record["adherence_data_held_out/all"] == 1.0  # the reader on clean renders
-    assert 0 <= record["adherence_held_out/color"] <= 1 and "adherence_held_out/all" in r.stdout
+    assert 0 <= record["adherence_held_out/color"] <= 1
+    assert any(l.startswith("adherence_held_out ") for l in r.stdout.splitlines()), r.stdout
     r = run(["-m", "ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=lpips", "--num=4"])
     _one_line_error(r, "--lpips=PATH")
 

@@ -205,8 +205,15 @@ def test_training_evaluates_and_the_evaluate_command_reads_any_checkpoint(
     out = _run("ldm_jax.evaluate", f"--workdir={workdir}", "--metrics=fid,pr,adherence",
                "--num=12", "--steps=3", "--guidance=2", "--batch_size=4")
     assert out.returncode == 0, out.stderr[-3000:]
-    for name in ("fid", "precision", "recall", "adherence_seen/shape", "adherence_held_out/all"):
+    for name in ("fid", "precision", "recall"):
         assert name in out.stdout, out.stdout
+    lines = out.stdout.splitlines()  # adherence as one grid: a row per group
+    header = next(l for l in lines if l.split()[:1] == ["background"])
+    assert header.split() == ["background", "num_objects", "color", "shape", "size",
+                              "position", "all"]
+    for row in ("adherence_seen", "adherence_held_out"):
+        cells = next(l for l in lines if l.startswith(row + " ")).split()[1:]
+        assert len(cells) == 7 and all(0 <= float(c) <= 1 for c in cells), out.stdout
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         record = [json.loads(line) for line in f][-1]
     assert record["source"] == "evaluate" and record["step"] == 2
@@ -245,3 +252,16 @@ def test_inception_score_needs_the_classifier_head():
     assert (figures["is"], figures["is_std"]) == dm.inception_score(with_head["logits_unbiased"])
     with pytest.raises(ConfigError, match="classifier head"):
         inception_metrics(("is",), {"pool": pool}, {"pool": pool})
+
+
+def test_adherence_grid_has_a_row_per_group():
+    from ldm_jax.evaluate import format_adherence, split_adherence
+    other, rows = split_adherence({"psnr": 30.0, "adherence_seen/color": 0.5,
+                                   "adherence_seen/all": 0.25, "adherence_held_out/color": 1.0})
+    assert other == {"psnr": 30.0}
+    assert rows == {"adherence_seen": {"color": 0.5, "all": 0.25},
+                    "adherence_held_out": {"color": 1.0}}
+    lines = format_adherence(rows).splitlines()
+    assert lines[0].split() == ["color", "all"]
+    assert lines[1].split() == ["adherence_seen", "0.500", "0.250"]
+    assert lines[2].split() == ["adherence_held_out", "1.000"]  # a missing cell stays blank
