@@ -99,8 +99,9 @@ def build_run(config, mesh, workdir: str, source, is_main: bool) -> StageRun:
         lpips = jax.device_put(lpips, parallel.replicated(mesh))
     kind = config.model.kind
     f = 2 ** (len(config.model.ch_mult) - 1)
+    pixel = config.loss.pixel_loss.upper()
     lpips_note = ("LPIPS on" if lpips is not None
-                  else "no LPIPS (loss.perceptual_weight=0: L1 only)")
+                  else f"no LPIPS (loss.perceptual_weight=0: {pixel} only)")
     evaluator = _Evaluator(config, model, workdir, is_main)
 
     def describe(abstract):
