@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from ldm_jax.losses import autoencoder as L
-from ldm_jax.training.train_state import ema_decay_at, ema_update
+from ldm_jax.training.train_state import ema_after_step
 
 
 @flax.struct.dataclass
@@ -169,9 +169,8 @@ def make_train_step(config, model, disc, tx, disc_tx, lr_fn, kind: str):
         else:
             d_logs = {"disc_loss": jnp.zeros(()), "logits_real": jnp.zeros(()),
                       "logits_fake": jnp.zeros(())}
-        ema = (None if state.ema_params is None  # update number step + 1, as in ddpm_stage
-               else ema_update(state.ema_params, params,
-                               ema_decay_at(state.step + 1, config.training)))
+        ema = (None if state.ema_params is None
+               else ema_after_step(state.ema_params, params, state.step, config.training))
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                                   opt_state=opt_state, disc_params=d_params, disc_stats=d_stats,
                                   disc_opt_state=d_opt, model_state=model_state)

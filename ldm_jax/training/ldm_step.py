@@ -22,7 +22,7 @@ from ldm_jax.models.label_embedding import DROPPED
 from ldm_jax.models.unet import UNet
 from ldm_jax.parallel import BATCH_AXES
 from ldm_jax.training.ddpm_stage import build_schedule, label_sizes
-from ldm_jax.training.train_state import TrainState, ema_decay_at, ema_update
+from ldm_jax.training.train_state import TrainState, ema_after_step
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -251,8 +251,7 @@ def make_train_step(config, model: LatentModel, first, schedule, tx, lr_fn, empt
                                       (z0, t, noise, cond), dropout_key, accum, mesh)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # The EMA's update number is the step after this one: checkpointed, so resume is exact.
-        ema = ema_update(state.ema_params, params, ema_decay_at(state.step + 1, config.training))
+        ema = ema_after_step(state.ema_params, params, state.step, config.training)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   ema_params=ema)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}

@@ -55,3 +55,10 @@ def ema_decay_at(n, training):
     s = jnp.maximum(n - 1.0, 0.0)
     warm = 1.0 - (1.0 + s / training.ema_inv_gamma) ** -training.ema_power
     return jnp.where(s <= 0, 0.0, jnp.minimum(decay, warm))
+
+
+def ema_after_step(ema, params, step, training):
+    """The EMA after optimizer step `step` (0-based, the state's counter before it increments)
+    has produced `params`: update number step + 1, which the checkpointed counter makes exact
+    on resume."""
+    return ema_update(ema, params, ema_decay_at(step + 1, training))
